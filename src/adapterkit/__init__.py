@@ -1,0 +1,37 @@
+"""adapterkit: parameter-efficient, modular adaptation of pretrained PyTorch models.
+
+    import adapterkit as ak
+    ak.attach(model, "sst2", ak.LoRA(r=8, alpha=16), targets=["query", "value"])
+    ak.train_only(model, "sst2", also=["classifier"])
+    ak.save(model, "runs/sst2", modules=("classifier",))
+"""
+
+from adapterkit import methods as _methods  # noqa: F401  (registers every method)
+from adapterkit.api import activate, adapters, use
+from adapterkit.core.errors import (
+    AdapterKitError,
+    NameInUseError,
+    SpecError,
+    StateError,
+    TargetError,
+    UnknownMethodError,
+)
+from adapterkit.core.registry import methods, spec_class, spec_from_dict
+from adapterkit.inject.engine import attach, detach, train_only
+from adapterkit.inject.select import explain
+from adapterkit.inject.state import load, read, save
+from adapterkit.merge.merging import is_merged, merge, unmerge
+from adapterkit.methods.bitfit import BitFit
+from adapterkit.methods.bottleneck import ParBottleneck, SeqBottleneck
+from adapterkit.methods.dora import DoRA
+from adapterkit.methods.ia3 import IA3
+from adapterkit.methods.lora import LoRA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterKitError", "BitFit", "DoRA", "IA3", "LoRA", "NameInUseError", "ParBottleneck", "SeqBottleneck",
+    "SpecError", "StateError", "TargetError", "UnknownMethodError", "activate", "adapters", "attach", "detach",
+    "explain", "is_merged", "load", "merge", "methods", "read", "save", "spec_class", "spec_from_dict",
+    "train_only", "unmerge", "use",
+]

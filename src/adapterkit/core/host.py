@@ -1,0 +1,88 @@
+"""The host: a child module placed on each adapted base module, holding its named adapters.
+
+The base module itself is never replaced or subclassed. The host registers one forward pre-hook and one
+forward hook on it; with no active adapter both return at once. Because the base keeps its place in the
+tree, the model's own parameter names do not change, and removing the host restores the model exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from adapterkit.core.context import active_override
+from adapterkit.core.layers import supports_inplace_delta
+from adapterkit.core.protocol import Site
+from adapterkit.core.run import apply_inputs, apply_outputs
+
+HOST_ATTR = "adapterkit"
+
+
+class Host(nn.Module):
+    """Named adapters of one base module, their activation and merge state, and the base fingerprint."""
+
+    def __init__(self, base: nn.Module, fingerprint: dict[str, Any]) -> None:
+        super().__init__()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.fingerprint = fingerprint
+        self._inplace = supports_inplace_delta(base)
+        self._handles: list[RemovableHandle] = [
+            base.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            base.register_forward_hook(self._post_hook, with_kwargs=True),
+        ]
+
+    # -- registry of this module's adapters -------------------------------------------------------
+    def names(self) -> list[str]:
+        """Adapters held here, in attach order."""
+        return list(self._modules)
+
+    def adapter(self, name: str) -> nn.Module:
+        """The adapter called ``name``."""
+        return self._modules[name]  # type: ignore[return-value]
+
+    def add(self, name: str, adapter: nn.Module) -> None:
+        """Hold ``adapter`` under ``name`` and make it active."""
+        self.add_module(name, adapter)
+        self.active.append(name)
+
+    def remove(self, name: str) -> None:
+        """Drop ``name`` (the caller unmerges it first)."""
+        del self._modules[name]
+        self.active = [n for n in self.active if n != name]
+
+    def release(self) -> None:
+        """Unhook from the base module (the engine then deletes the host)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- forward ---------------------------------------------------------------------------------
+    def running(self) -> list[nn.Module]:
+        """The adapters that run in this call: active (or forced by ``use``), present, not merged."""
+        override = active_override()
+        names = self.active if override is None else override
+        return [self._modules[n] for n in names if n in self._modules and n not in self.merged]  # type: ignore[misc]
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        adapters = [a for a in self.running() if a.site is Site.INPUT]
+        if not adapters or not args:
+            return None
+        return (apply_inputs(adapters, args[0]), *args[1:]), kwargs
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        adapters = self.running()
+        if not adapters:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        if isinstance(output, tuple):  # modules such as attention blocks return (hidden, extras...)
+            return (apply_outputs(adapters, x, output[0], inplace=False), *output[1:])
+        return apply_outputs(adapters, x, output, inplace=self._inplace)
+
+
+def host_of(module: nn.Module) -> Host | None:
+    """The host on ``module``, if any."""
+    host = module._modules.get(HOST_ATTR)
+    return host if isinstance(host, Host) else None

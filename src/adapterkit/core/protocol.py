@@ -1,0 +1,53 @@
+"""The Adapter contract: the only thing the host, the interpreter and the engines call.
+
+An adapter is an ``nn.Module`` with a ``site`` and ``forward(x, base_out)``:
+
+* ``Site.PARALLEL`` -- returns a delta added to the base module's output (LoRA, parallel bottleneck, BitFit).
+* ``Site.OUTPUT``   -- returns the new output, computed from the base output (sequential bottleneck, (IA)^3 on
+  outputs).
+* ``Site.INPUT``    -- returns the new input the base module sees ((IA)^3 on FFN inputs).
+
+Mergeable adapters also implement ``merge(weight, bias)`` and ``unmerge(weight, bias)``: pure functions from the
+base layer's (weight, bias) in (out, in, ...) layout to the merged ones and back. DESIGN.md sketched a single
+``delta_weight()``; that cannot express DoRA (W' = m * V / ||V||) or (IA)^3 (scales the bias too) exactly,
+so the contract is the pair of maps, and ``delta_weight()`` stays an optional extra for low-rank methods.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+class Site(enum.Enum):
+    """Where an adapter acts on its base module."""
+
+    PARALLEL = "parallel"
+    OUTPUT = "output"
+    INPUT = "input"
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """Every method's module meets this."""
+
+    site: Site
+
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        """Delta (PARALLEL), new output (OUTPUT) or new input (INPUT; base_out is None)."""
+        ...
+
+
+@runtime_checkable
+class Mergeable(Protocol):
+    """Adapters that can be folded into the base weights exactly."""
+
+    def merge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Base (weight, bias) -> merged (weight, bias)."""
+        ...
+
+    def unmerge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Merged (weight, bias) -> base (weight, bias)."""
+        ...

@@ -1,0 +1,111 @@
+"""Targets -> module paths, and ``explain``: the dry run that shows what ``attach`` would touch.
+
+A target is one of: a name suffix ("query" matches "encoder.layer.0.attention.self.query"), a regex written
+"re:<pattern>" (full match on the dotted path), a module type, or a predicate ``(path, module) -> bool``.
+A list matches the union.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from adapterkit.core.errors import TargetError
+from adapterkit.core.host import HOST_ATTR
+from adapterkit.core.spec import AdapterSpec
+
+Target = str | type | Callable[[str, nn.Module], bool]
+Targets = Target | Sequence[Target]
+
+
+def _matcher(target: Target) -> Callable[[str, nn.Module], bool]:
+    if isinstance(target, str):
+        if target.startswith("re:"):
+            pattern = re.compile(target[3:])
+            return lambda path, _m: pattern.fullmatch(path) is not None
+        return lambda path, _m: path == target or path.endswith("." + target)
+    if isinstance(target, type):
+        return lambda _p, module: isinstance(module, target)
+    if callable(target):
+        return target
+    raise TargetError(f"target {target!r} is not a name suffix, 're:<regex>', module type or predicate")
+
+
+def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module of the model except adapterkit's own hosts and what they hold."""
+    found = []
+    for path, module in model.named_modules():
+        if path == "" or HOST_ATTR in path.split("."):
+            continue
+        found.append((path, module))
+    return found
+
+
+def select(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
+    """Modules matching ``targets``, in model order; a one-line error with near names if none match."""
+    if targets is None or (isinstance(targets, Sequence) and not isinstance(targets, str) and not targets):
+        raise TargetError("no targets given: name module suffixes, 're:<regex>', a module type or a predicate")
+    items = [targets] if isinstance(targets, (str, type)) or callable(targets) else list(targets)
+    matchers = [_matcher(t) for t in items]
+    modules = candidate_modules(model)
+    chosen = [(p, m) for p, m in modules if any(match(p, m) for match in matchers)]
+    if not chosen:
+        raise TargetError(f"targets {items!r} match no module; closest names: {_closest(modules, items)}")
+    return chosen
+
+
+def _closest(modules: list[tuple[str, nn.Module]], items: list[Target]) -> str:
+    leaves = sorted({p.split(".")[-1] for p, _ in modules} | {".".join(p.split(".")[-2:]) for p, _ in modules})
+    words = [t[3:] if t.startswith("re:") else t for t in items if isinstance(t, str)]
+    near: list[str] = []
+    for word in words:
+        near += [n for n in difflib.get_close_matches(word, leaves, n=4, cutoff=0.4) if n not in near]
+    return ", ".join(near[:6]) if near else ", ".join(leaves[:6])
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One module ``attach`` would adapt."""
+
+    path: str
+    module_type: str
+    adapter_params: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``attach`` would do: the rows, and totals. ``str(plan)`` is a readable table."""
+
+    rows: tuple[PlanRow, ...]
+    model_params: int
+
+    @property
+    def adapter_params(self) -> int:
+        """Parameters the adapter would add."""
+        return sum(r.adapter_params for r in self.rows)
+
+    def __str__(self) -> str:
+        width = max([len(r.path) for r in self.rows] + [6])
+        lines = [f"{'module':<{width}}  {'type':<20} {'params':>10}"]
+        lines += [f"{r.path:<{width}}  {r.module_type:<20} {r.adapter_params:>10,}" for r in self.rows]
+        share = 100 * self.adapter_params / max(self.model_params, 1)
+        lines.append(f"{len(self.rows)} modules, {self.adapter_params:,} adapter parameters "
+                     f"({share:.3f}% of the model's {self.model_params:,})")
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, targets: Targets, spec: AdapterSpec | None = None) -> Plan:
+    """Dry run: list the modules ``targets`` select and, given a spec, the parameters it would add."""
+    rows = []
+    for path, module in select(model, targets):
+        count = 0
+        if spec is not None:
+            spec.check_target(module, path)
+            count = sum(p.numel() for p in spec.build(module).parameters())
+        rows.append(PlanRow(path, type(module).__name__, count))
+    total = sum(p.numel() for n, p in model.named_parameters() if f".{HOST_ATTR}." not in f".{n}")
+    return Plan(tuple(rows), total)

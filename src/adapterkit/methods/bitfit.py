@@ -1,0 +1,57 @@
+"""BitFit: bias-only tuning (Ben Zaken et al. 2022, https://arxiv.org/abs/2106.10199).
+
+    y = W x + (b + delta_b)
+
+The base bias stays frozen and untouched; the adapter learns delta_b (zero at start). Training delta_b is
+training the bias, but the change can be saved, detached and merged like any other adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from adapterkit.core.errors import TargetError
+from adapterkit.core.layers import layer_info
+from adapterkit.core.protocol import Site
+from adapterkit.core.registry import register
+from adapterkit.core.spec import AdapterSpec
+
+
+@register("bitfit")
+@dataclass(frozen=True)
+class BitFit(AdapterSpec):
+    """Spec of bias tuning on the chosen modules (Linear, Conv1D, Conv2d, LayerNorm: anything with a bias)."""
+
+    def check_target(self, base: nn.Module, path: str) -> None:
+        bias = getattr(base, "bias", None)
+        if not isinstance(bias, Tensor):
+            raise TargetError(f"bitfit: {path} ({type(base).__name__}) has no bias to tune")
+
+    def build(self, base: nn.Module) -> nn.Module:
+        return BiasDelta(self, base)
+
+
+class BiasDelta(nn.Module):
+    """A learned offset to one module's bias."""
+
+    site = Site.PARALLEL
+
+    def __init__(self, spec: BitFit, base: nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        self.channel_dim = 1 if layer_info(base).kind == "conv2d" else -1
+        self.delta_b = nn.Parameter(torch.zeros_like(base.bias, requires_grad=True))
+
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        if self.channel_dim == 1:
+            return self.delta_b[:, None, None].expand_as(base_out)  # (C,) -> (B, C, H, W)
+        return self.delta_b.expand_as(base_out)
+
+    def merge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return weight, bias + self.delta_b.to(bias.dtype)
+
+    def unmerge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return weight, bias - self.delta_b.to(bias.dtype)

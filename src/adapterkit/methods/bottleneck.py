@@ -1,0 +1,156 @@
+"""Bottleneck adapters: sequential (Houlsby et al. 2019, https://arxiv.org/abs/1902.00751; Pfeiffer et al. 2021,
+https://arxiv.org/abs/2005.00247) and scaled parallel (He et al. 2022, https://arxiv.org/abs/2110.04366).
+
+    A(h) = W_up act(W_down h + b_down) + b_up,      W_down: (d/rf, d), W_up: (d, d/rf)
+
+    sequential ("seq_bn"):  y = f(x) + s A(f(x))            on the output of a sub-layer f
+        on a post-norm target (a LayerNorm ending a BERT-style sub-layer, f(x) = LN(x)):
+                            y = LN(x + s A(LN(x)))          the adapter output re-enters the norm, as AdapterHub's
+                                                            "seq_bn" does (residual_before_ln, original_ln_after)
+    parallel ("par_bn"):    y = f(x) + s A(x)               beside a sub-layer whose input is the FFN input
+
+Pfeiffer = one sequential adapter after each FFN; Houlsby = after attention and after the FFN: they differ in
+targets, not in the module. Init "zero_up" (W_up = 0) starts as the base model; "bert" (N(0, 0.02), the AdapterHub
+default) and "houlsby" (truncated N(0, 0.01)) do not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from adapterkit.core.errors import TargetError
+from adapterkit.core.layers import io_sizes, is_norm
+from adapterkit.core.protocol import Site
+from adapterkit.core.registry import register
+from adapterkit.core.spec import AdapterSpec, require
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity,
+}
+INITS = ("zero_up", "bert", "houlsby")
+
+
+@dataclass(frozen=True)
+class _BottleneckSpec(AdapterSpec):
+    reduction_factor: float = 16.0  # hidden size = model size / reduction_factor
+    hidden: int | None = None  # explicit hidden size; overrides reduction_factor
+    activation: str = "relu"  # one of ACTIVATIONS
+    init: str = "zero_up"  # "zero_up" (identity at start), "bert" or "houlsby"
+    scaling: float = 1.0  # s, the output scale
+
+    def __post_init__(self) -> None:
+        require(self.reduction_factor > 0, f"{self.method}: reduction_factor must be > 0, got {self.reduction_factor}")
+        require(self.hidden is None or (isinstance(self.hidden, int) and self.hidden > 0),
+                f"{self.method}: hidden must be a positive integer, got {self.hidden!r}")
+        require(self.activation in ACTIVATIONS,
+                f"{self.method}: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        require(self.init in INITS, f"{self.method}: init must be one of {INITS}, got {self.init!r}")
+
+    @property
+    def starts_as_identity(self) -> bool:
+        """Only the zero_up init leaves the model unchanged at attach time."""
+        return self.init == "zero_up"
+
+    def _size(self, base: nn.Module, path: str, which: int) -> int:
+        size = io_sizes(base)[which]
+        if size <= 0:
+            raise TargetError(f"{self.method} cannot find the feature size of {path} ({type(base).__name__})")
+        hidden = self.hidden or max(1, round(size / self.reduction_factor))
+        if hidden > size:
+            raise TargetError(f"{self.method}: hidden size {hidden} exceeds the feature size {size} of {path}")
+        return size
+
+
+class Bottleneck(nn.Module):
+    """The down-project / activation / up-project MLP shared by both placements."""
+
+    def __init__(self, spec: _BottleneckSpec, size: int, like: Tensor) -> None:
+        super().__init__()
+        hidden = spec.hidden or max(1, round(size / spec.reduction_factor))
+        factory = {"dtype": like.dtype, "device": like.device}
+        self.down = nn.Linear(size, hidden, **factory)
+        self.act = ACTIVATIONS[spec.activation]()
+        self.up = nn.Linear(hidden, size, **factory)
+        with torch.no_grad():
+            if spec.init == "bert":
+                for layer in (self.down, self.up):
+                    layer.weight.normal_(0.0, 0.02)
+                    layer.bias.zero_()
+            elif spec.init == "houlsby":
+                for layer in (self.down, self.up):
+                    nn.init.trunc_normal_(layer.weight, std=1e-2, a=-2e-2, b=2e-2)
+                    layer.bias.zero_()
+            else:
+                self.down.bias.zero_()
+                self.up.weight.zero_()
+                self.up.bias.zero_()
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.up(self.act(self.down(h)))  # (..., size) -> (..., hidden) -> (..., size)
+
+
+@register("seq_bn")
+@dataclass(frozen=True)
+class SeqBottleneck(_BottleneckSpec):
+    """Sequential bottleneck adapter on a sub-layer's output (Pfeiffer / Houlsby by choice of targets)."""
+
+    def check_target(self, base: nn.Module, path: str) -> None:
+        self._size(base, path, 1)
+
+    def build(self, base: nn.Module) -> nn.Module:
+        return SequentialAdapter(self, base)
+
+
+class SequentialAdapter(nn.Module):
+    """y = f(x) + s A(f(x)), or LN(x + s A(LN(x))) on a post-norm target."""
+
+    site = Site.OUTPUT
+
+    def __init__(self, spec: SeqBottleneck, base: nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        self.block = Bottleneck(spec, io_sizes(base)[1], next(base.parameters()))
+        self._norm = (base,) if is_norm(base) else None  # tuple: reference the norm without re-registering it
+
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        delta = self.block(base_out) * self.spec.scaling
+        if self._norm is not None:
+            return self._norm[0].forward(x + delta)  # .forward: skip the hooks, which would recurse
+        return base_out + delta
+
+
+@register("par_bn")
+@dataclass(frozen=True)
+class ParBottleneck(_BottleneckSpec):
+    """Scaled parallel adapter beside a sub-layer (He et al. use s = 4 beside the FFN)."""
+
+    scaling: float = 4.0
+
+    def check_target(self, base: nn.Module, path: str) -> None:
+        if is_norm(base):
+            raise TargetError(f"par_bn: {path} is a normalisation layer; target the sub-layer (e.g. the mlp) instead")
+        size_in, size_out = io_sizes(base)
+        if size_in != size_out:
+            raise TargetError(f"par_bn: {path} maps {size_in} to {size_out} features; a parallel adapter needs a "
+                              "sub-layer with equal input and output size (e.g. the whole mlp block)")
+        self._size(base, path, 0)
+
+    def build(self, base: nn.Module) -> nn.Module:
+        return ParallelAdapter(self, base)
+
+
+class ParallelAdapter(nn.Module):
+    """Delta s A(x) added to the sub-layer's output."""
+
+    site = Site.PARALLEL
+
+    def __init__(self, spec: ParBottleneck, base: nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        self.block = Bottleneck(spec, io_sizes(base)[0], next(base.parameters()))
+
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        return self.block(x) * self.spec.scaling

@@ -1,0 +1,153 @@
+"""LoRA: Low-Rank Adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685), with rsLoRA scaling
+(Kalajdzievski 2023, https://arxiv.org/abs/2312.03732).
+
+    h = W0 x + s * B A x,   A: (r, in), B: (out, r),   s = alpha / r   (rsLoRA: s = alpha / sqrt(r))
+
+A is Kaiming-uniform (a = sqrt 5, as nn.Linear and peft) or Gaussian (std 1/r), B is zero, so the adapted
+model starts as the base model. Supports Linear (and GPT-2 Conv1D), Conv2d and Embedding base layers; for
+Embedding, as in the reference code, A is zero and B Gaussian.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adapterkit.core.errors import TargetError
+from adapterkit.core.layers import layer_info
+from adapterkit.core.protocol import Site
+from adapterkit.core.registry import register
+from adapterkit.core.spec import AdapterSpec, require
+
+SCALINGS = ("lora", "rslora")
+INITS = ("kaiming", "gaussian")
+
+
+def lora_scale(alpha: float, r: int, scaling: str) -> float:
+    """s = alpha / r, or alpha / sqrt(r) for rsLoRA (keeps the update's size stable as r grows)."""
+    return alpha / math.sqrt(r) if scaling == "rslora" else alpha / r
+
+
+@register("lora")
+@dataclass(frozen=True)
+class LoRA(AdapterSpec):
+    """Spec of a LoRA adapter."""
+
+    r: int = 8  # rank of the update
+    alpha: float = 16.0  # scale numerator
+    dropout: float = 0.0  # dropout on the adapter's input
+    scaling: str = "lora"  # "lora" (alpha / r) or "rslora" (alpha / sqrt r)
+    init: str = "kaiming"  # init of A: "kaiming" or "gaussian"
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.r, int) and self.r > 0, f"{self.method}: rank r must be a positive integer, got {self.r!r}")
+        require(0.0 <= self.dropout < 1.0, f"{self.method}: dropout must be in [0, 1), got {self.dropout}")
+        require(self.scaling in SCALINGS, f"{self.method}: scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        require(self.init in INITS, f"{self.method}: init must be one of {INITS}, got {self.init!r}")
+
+    def check_target(self, base: nn.Module, path: str) -> None:
+        info = layer_info(base)
+        if info.kind not in ("linear", "conv2d", "embedding"):
+            raise TargetError(f"{self.method} cannot adapt {path} ({type(base).__name__}): needs a Linear, Conv1D, "
+                              "Conv2d or Embedding")
+        if isinstance(base, nn.Conv2d) and base.groups != 1:
+            raise TargetError(f"{self.method} cannot adapt {path}: grouped convolutions are not supported")
+        limit = min(info.in_features, info.out_features)
+        if info.kind != "conv2d" and self.r > limit:
+            raise TargetError(f"{self.method}: rank {self.r} exceeds min(in, out) = {limit} of {path}")
+
+    def build(self, base: nn.Module) -> nn.Module:
+        kind = layer_info(base).kind
+        cls = {"linear": LoRALinear, "conv2d": LoRAConv2d, "embedding": LoRAEmbedding}[kind]
+        return cls(self, base)
+
+
+class _LowRank(nn.Module):
+    """Shared by every LoRA form: the factors, the scale and the merge maps."""
+
+    site = Site.PARALLEL
+
+    def __init__(self, spec: LoRA, a_shape: tuple[int, ...], b_shape: tuple[int, ...], like: Tensor) -> None:
+        super().__init__()
+        self.spec = spec
+        self.scale = lora_scale(spec.alpha, spec.r, spec.scaling)
+        factory = {"dtype": like.dtype if like.is_floating_point() else torch.float32, "device": like.device}
+        self.lora_a = nn.Parameter(torch.empty(a_shape, **factory))
+        self.lora_b = nn.Parameter(torch.zeros(b_shape, **factory))
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+
+    def delta_weight(self) -> Tensor:
+        """s * B A in the base layer's canonical layout."""
+        raise NotImplementedError
+
+    def merge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return weight + self.delta_weight().to(weight.dtype), bias
+
+    def unmerge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return weight - self.delta_weight().to(weight.dtype), bias
+
+
+class LoRALinear(_LowRank):
+    """LoRA beside a Linear / Conv1D layer."""
+
+    def __init__(self, spec: LoRA, base: nn.Module) -> None:
+        info = layer_info(base)
+        super().__init__(spec, (spec.r, info.in_features), (info.out_features, spec.r), base.weight)
+        if spec.init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_a, std=1 / spec.r)
+
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        h = F.linear(x, self.lora_a)  # (..., r)
+        return F.linear(h * self.scale, self.lora_b)  # (..., out): scaling the small (..., r) tensor is cheaper
+
+    def delta_weight(self) -> Tensor:
+        return (self.lora_b @ self.lora_a) * self.scale  # (out, in)
+
+
+class LoRAConv2d(_LowRank):
+    """LoRA beside a Conv2d: A is a conv with the base's kernel, stride and padding; B is 1x1."""
+
+    def __init__(self, spec: LoRA, base: nn.Conv2d) -> None:
+        kh, kw = base.kernel_size
+        super().__init__(spec, (spec.r, base.in_channels, kh, kw), (base.out_channels, spec.r, 1, 1), base.weight)
+        self.conv_args = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
+        if spec.init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_a, std=1 / spec.r)
+
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        h = F.conv2d(x, self.lora_a, **self.conv_args)  # (B, r, H', W')
+        return F.conv2d(h * self.scale, self.lora_b)  # (B, out, H', W')
+
+    def delta_weight(self) -> Tensor:
+        r = self.lora_a.shape[0]
+        flat = self.lora_b.reshape(-1, r) @ self.lora_a.reshape(r, -1)  # (out, in * kh * kw)
+        return flat.reshape(self.lora_b.shape[0], *self.lora_a.shape[1:]) * self.scale
+
+
+class LoRAEmbedding(_LowRank):
+    """LoRA beside an Embedding: A holds r numbers per token (zero init), B maps them to the embedding."""
+
+    def __init__(self, spec: LoRA, base: nn.Embedding) -> None:
+        super().__init__(spec, (spec.r, base.num_embeddings), (base.embedding_dim, spec.r), base.weight)
+        nn.init.zeros_(self.lora_a)
+        nn.init.normal_(self.lora_b)
+        self.padding_idx = base.padding_idx
+
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        h = F.embedding(x, self.lora_a.t(), padding_idx=self.padding_idx)  # (..., r)
+        return F.linear(h * self.scale, self.lora_b)  # (..., dim)
+
+    def delta_weight(self) -> Tensor:
+        return (self.lora_b @ self.lora_a).t() * self.scale  # (num_embeddings, dim)
