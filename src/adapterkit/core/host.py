@@ -45,7 +45,9 @@ class Host(nn.Module):
 
     def add(self, name: str, adapter: nn.Module) -> None:
         """Hold ``adapter`` under ``name`` and make it active."""
-        self.add_module(name, adapter)
+        # Written into _modules directly: add_module refuses names that shadow attributes ("train", "add"),
+        # and adapter names are the user's. They are only ever read back through _modules.
+        self._modules[name] = adapter
         self.active.append(name)
 
     def remove(self, name: str) -> None:

