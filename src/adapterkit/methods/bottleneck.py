@@ -9,8 +9,10 @@ https://arxiv.org/abs/2005.00247) and scaled parallel (He et al. 2022, https://a
                                                             "seq_bn" does (residual_before_ln, original_ln_after)
     parallel ("par_bn"):    y = f(x) + s A(x)               beside a sub-layer whose input is the FFN input
 
-Pfeiffer = one sequential adapter after each FFN; Houlsby = after attention and after the FFN: they differ in
-targets, not in the module. Init "zero_up" (W_up = 0) starts as the base model; "bert" (N(0, 0.02), the AdapterHub
+Pfeiffer = one sequential adapter after each FFN (on BERT, AdapterHub's "seq_bn": target each layer's
+`output.LayerNorm`); Houlsby = after attention and after the FFN (AdapterHub's "double_seq_bn": target the
+projections before the residual and norm, `output.dense`, with activation "swish"). They differ in targets, not
+in the module. Init "zero_up" (W_up = 0) starts as the base model; "bert" (N(0, 0.02), the AdapterHub
 default) and "houlsby" (truncated N(0, 0.01)) do not.
 """
 
@@ -47,6 +49,7 @@ class _BottleneckSpec(AdapterSpec):
                 f"{self.method}: hidden must be a positive integer, got {self.hidden!r}")
         require(self.activation in ACTIVATIONS,
                 f"{self.method}: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        require(self.scaling > 0, f"{self.method}: scaling must be > 0, got {self.scaling}")
         require(self.init in INITS, f"{self.method}: init must be one of {INITS}, got {self.init!r}")
 
     @property

