@@ -9,9 +9,10 @@ Five separate model objects, built from one base model (same weights, same class
     peft merged         peft's LoRA after ``merge_adapter()``
 
 The LoRA B factors are set to non-zero random values (A stays at its Kaiming init) and peft gets exactly the
-adapterkit factors, so both libraries compute the same function and it differs from the base model; the script
-checks this (max |logit difference|) before timing. One fixed batch of 32 x 64 random token ids (seed 0, attention
-mask all ones) is run in eval mode under ``torch.inference_mode()`` with ``torch.set_num_threads(2)``.
+adapterkit factors, so both libraries compute the same function and it differs from the base model; before timing,
+the script checks this on the max |difference| of the last hidden states. One fixed batch of 32 x 64 random token
+ids (seed 0, attention mask all ones) is run in eval mode under ``torch.inference_mode()`` with
+``torch.set_num_threads(2)``.
 
 The five models are timed interleaved in one process: each repeat runs every model once (the order rotates from
 repeat to repeat), so slow drifts and background load hit all of them alike. After ``--warmup`` rounds, the median
@@ -84,13 +85,16 @@ def build_models() -> dict:
 
 
 def check(models: dict, batch: dict) -> dict[str, float]:
-    """Max |logit difference| of every model from the unmerged adapterkit one (base: must be clearly > 0)."""
+    """Max |difference| of every model's last hidden state from the unmerged adapterkit one's.
+
+    The base model's must be clearly above zero (the adapter changes the function), the others near zero.
+    """
     import torch
 
     with torch.inference_mode():
-        logits = {label: model(**batch).logits for label, model in models.items()}
-    ref = logits["adapterkit"]
-    return {label: (out - ref).abs().max().item() for label, out in logits.items() if label != "adapterkit"}
+        hidden = {label: model(**batch, output_hidden_states=True).hidden_states[-1] for label, model in models.items()}
+    ref = hidden["adapterkit"]
+    return {label: (out - ref).abs().max().item() for label, out in hidden.items() if label != "adapterkit"}
 
 
 def main() -> None:
@@ -109,8 +113,8 @@ def main() -> None:
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     diffs = check(models, batch)
-    print("max |logits - adapterkit unmerged|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
-    if diffs["base"] < 1e-3 or max(v for k, v in diffs.items() if k != "base") > 1e-3:
+    print("max |last hidden state - adapterkit unmerged|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    if diffs["base"] < 1e-2 or max(v for k, v in diffs.items() if k != "base") > 1e-3:
         sys.exit("check failed: the adapters do not compute the same, non-trivial function")
 
     labels = list(models)
@@ -134,7 +138,7 @@ def main() -> None:
         result = {"config": {"batch": BATCH, "seq_len": SEQ_LEN, "repeats": args.repeats, "warmup": args.warmup,
                              "r": 8, "alpha": 16, "targets": ["query", "value"], "threads": 2},
                   "median_ms": medians, "ratio_to_base": {k: v / medians["base"] for k, v in medians.items()},
-                  "times_ms": times, "max_abs_logit_diff_vs_adapterkit": diffs}
+                  "times_ms": times, "max_abs_hidden_diff_vs_adapterkit": diffs}
         Path(args.json).write_text(json.dumps(result, indent=1))
 
 

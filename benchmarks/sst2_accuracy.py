@@ -37,8 +37,9 @@ def one_run(library: str, seed: int, max_steps: int | None) -> dict:
     if library == "peft":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
-                                                 modules_to_save=["classifier"]))
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+                            modules_to_save=["classifier"])
+        model = get_peft_model(model, config)
     else:
         ak.attach(model, "sst2", ak.LoRA(r=8, alpha=16), targets=["query", "value"])
         ak.train_only(model, "sst2", also=["classifier"])

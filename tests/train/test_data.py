@@ -28,8 +28,10 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 def test_csv_rows_and_table(tmp_path):
     file = write(tmp_path / "d.csv", 'sentence,label\n"hello, world",pos\nbad day,neg\n"she said ""hi""",pos\n')
     rows = read_rows(file)
-    assert rows == [{"sentence": "hello, world", "label": "pos"}, {"sentence": "bad day", "label": "neg"},
-                    {"sentence": 'she said "hi"', "label": "pos"}]
+    assert [r.values for r in rows] == [{"sentence": "hello, world", "label": "pos"},
+                                        {"sentence": "bad day", "label": "neg"},
+                                        {"sentence": 'she said "hi"', "label": "pos"}]
+    assert [r.line for r in rows] == [2, 3, 4]
     table, labels = read_table(file, "sentence", "label")
     assert isinstance(table, TextTable)
     assert labels == ["neg", "pos"]
@@ -41,7 +43,7 @@ def test_csv_rows_and_table(tmp_path):
 def test_tsv_keeps_literal_quotes(tmp_path):
     file = write(tmp_path / "d.tsv", 'sentence\tlabel\n"quoted" start\t1\nit \'s a "so-called" film\t0\n"\t1\n')
     rows = read_rows(file)
-    assert [r["sentence"] for r in rows] == ['"quoted" start', 'it \'s a "so-called" film', '"']
+    assert [r.values["sentence"] for r in rows] == ['"quoted" start', 'it \'s a "so-called" film', '"']
     table, labels = read_table(file, "sentence", "label")
     assert table.texts == ['"quoted" start', 'it \'s a "so-called" film', '"']
     assert labels == ["0", "1"]
@@ -60,7 +62,9 @@ def test_jsonl_rows_values_become_strings(tmp_path):
     lines = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}, {"text": "ok", "label": 1}]
     file = write(tmp_path / "d.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n\n")  # trailing blank line
     rows = read_rows(file)
-    assert rows == [{"text": "good", "label": "1"}, {"text": "bad", "label": "0"}, {"text": "ok", "label": "1"}]
+    assert [r.values for r in rows] == [{"text": "good", "label": "1"}, {"text": "bad", "label": "0"},
+                                        {"text": "ok", "label": "1"}]
+    assert [r.line for r in rows] == [1, 2, 3]
     table, labels = read_table(file, "text", "label")
     assert labels == ["0", "1"]
     assert table.texts == ["good", "bad", "ok"]
@@ -221,27 +225,21 @@ def test_errors_have_no_traceback_context(tmp_path):
     assert exc.value.__suppress_context__  # raised `from None`: the JSONDecodeError is not chained in
 
 
-# ---------------------------------------------------------------- known bugs (strict xfail: remove once fixed)
+# ---------------------------------------------------------------- regressions (each was a bug once)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG data.py read_table: line numbers count a header line, JSONL has none")
 def test_jsonl_dev_label_outside_training_set_names_the_right_line(tmp_path):
     dev = write(tmp_path / "dev.jsonl", '{"t": "a", "l": "x"}\n{"t": "b", "l": "z"}\n')
     with pytest.raises(DataError, match=r"dev\.jsonl:2: label 'z'"):
         read_table(dev, "t", "l", label_names=["x", "y"])
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="BUG data.py read_table: columns are checked on the first row only; a later JSONL "
-                          "row without the key raises a bare KeyError instead of DataError")
 def test_jsonl_row_lacking_a_column(tmp_path):
     file = write(tmp_path / "d.jsonl", '{"t": "a", "l": "x"}\n{"t": "b"}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2"):
         read_table(file, "t", "l")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG data.py read_rows: str.splitlines() also splits on U+2028, \\x0c, "
-                                       "\\x85 ..., breaking one TSV row into two (and inventing a '' label)")
 def test_tsv_text_with_unicode_line_separator(tmp_path):
     file = write(tmp_path / "d.tsv", "sentence\tlabel\nfoo\u2028bar\t1\nok\t0\n")
     table, labels = read_table(file, "sentence", "label")
@@ -249,8 +247,6 @@ def test_tsv_text_with_unicode_line_separator(tmp_path):
     assert table.texts == ["foo\u2028bar", "ok"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG data.py read_rows: splitlines() drops the newline inside a quoted "
-                                       "multi-line CSV field")
 def test_csv_quoted_multiline_field(tmp_path):
     file = write(tmp_path / "d.csv", 'sentence,label\n"two\nlines",1\nok,0\n')
     table, _ = read_table(file, "sentence", "label")

@@ -83,7 +83,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from adapterkit.train.loop import TrainConfig, check_writable, fit, seed_everything
 
     spec = parse_spec(args.method, args.param)  # bad specs fail before anything loads
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--max-length", args.max_length),
+                        ("--max-steps", args.max_steps)):
+        if value is not None and value < 1:
+            raise AdapterKitError(f"{flag} must be at least 1, got {value}")
+    if args.dev and not args.data:
+        raise AdapterKitError("--dev needs --data (the default data set brings its own dev split)")
     train_path, dev_path = (args.data, args.dev) if args.data else map(str, shipped_sst2())
+    train_path = str(Path(train_path).resolve())
+    dev_path = str(Path(dev_path).resolve()) if dev_path else None
     data_name = "sst2" if not args.data else Path(args.data).stem
     out = Path(args.out or f"runs/{data_name}-{args.method}")
     check_writable(out)
@@ -100,8 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                          max_steps=args.max_steps, seed=args.seed, head=[h for h in args.head.split(",") if h])
     print(ak.explain(model, targets, spec).rows.__len__(), f"modules adapted with {spec.method} ({targets})")
-    record = {"model": str(Path(model_dir).resolve()), "data": data_name, "train_file": str(train_path),
-              "dev_file": str(dev_path) if dev_path else None, "labels": labels, "targets": targets,
+    record = {"model": str(Path(model_dir).resolve()), "data": data_name, "train_file": train_path,
+              "dev_file": dev_path, "labels": labels, "targets": targets,
               "columns": {"text": args.text_column, "label": args.label_column, "pair": args.pair_column}}
     metrics = fit(model, tokenizer, "adapter", spec, targets, train, dev, config, out, record)
     print(f"dev accuracy {metrics['dev_accuracy']:.2f}  trainable parameters {metrics['trainable_parameters']:,}  "
@@ -153,6 +161,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from adapterkit.train.loop import check_writable
+
+    check_writable(Path(args.out))  # fail before loading anything
     _, model, tokenizer = _load_run(args.run)
     ak.merge(model, "adapter")
     ak.detach(model, "adapter", keep_merged=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from adapterkit.core.errors import TargetError
+
 # For each method, candidate target lists tried in order; the first whose every entry matches is used.
 CANDIDATES: dict[str, list[list[str]]] = {
     "lora": [["query", "value"], ["q_proj", "v_proj"], ["c_attn"], ["q", "v"]],
@@ -31,4 +33,4 @@ def default_targets(model: nn.Module, method: str) -> list[str]:
         except ValueError:
             continue
         return candidate
-    raise SystemExit(f"error: no default targets for method {method!r} on this model; pass --targets")
+    raise TargetError(f"no default targets for method {method!r} on this model; pass --targets")

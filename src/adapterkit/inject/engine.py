@@ -61,7 +61,7 @@ def attach(model: nn.Module, name: str, spec: AdapterSpec, targets: Targets) -> 
     for path, module in chosen:  # validate everything before changing anything
         spec.check_target(module, path)
     built = [(path, module, spec.build(module)) for path, module in chosen]
-    for path, module, adapter in built:
+    for _, module, adapter in built:
         host = host_of(module)
         if host is None:
             host = Host(module, module_fingerprint(module))

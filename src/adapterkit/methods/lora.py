@@ -44,7 +44,8 @@ class LoRA(AdapterSpec):
     init: str = "kaiming"  # init of A: "kaiming" or "gaussian"
 
     def __post_init__(self) -> None:
-        require(isinstance(self.r, int) and self.r > 0, f"{self.method}: rank r must be a positive integer, got {self.r!r}")
+        require(isinstance(self.r, int) and self.r > 0,
+                f"{self.method}: rank r must be a positive integer, got {self.r!r}")
         require(self.alpha > 0, f"{self.method}: alpha must be > 0, got {self.alpha}")
         require(0.0 <= self.dropout < 1.0, f"{self.method}: dropout must be in [0, 1), got {self.dropout}")
         require(self.scaling in SCALINGS, f"{self.method}: scaling must be one of {SCALINGS}, got {self.scaling!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -30,12 +31,22 @@ def shipped_sst2() -> tuple[Path, Path]:
     return Path(str(root / "train.tsv")), Path(str(root / "dev.tsv"))
 
 
-def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a .csv, .tsv or .jsonl file as dicts (quotes in TSV are kept literally, as GLUE needs)."""
+@dataclass(frozen=True)
+class Row:
+    """One record of a data file and the line it starts on (for error messages)."""
+
+    line: int
+    values: dict[str, str]
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """Records of a .csv, .tsv or .jsonl file (quotes in TSV are kept literally, as GLUE needs)."""
     file = Path(path)
     if not file.is_file():
         raise DataError(f"data file {file} does not exist")
     suffix = file.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".json"):
+        raise DataError(f"{file}: unknown format {suffix!r}; use .csv, .tsv or .jsonl")
     try:
         text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -44,20 +55,23 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
         raise DataError(f"data file {file} is empty")
     if suffix in (".jsonl", ".json"):
         rows = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # split("\n"), not splitlines(): text may hold U+2028
             if line.strip():
                 try:
-                    rows.append({k: str(v) for k, v in json.loads(line).items()})
+                    record = json.loads(line)
+                    rows.append(Row(number, {k: str(v) for k, v in record.items()}))
                 except (json.JSONDecodeError, AttributeError):
                     raise DataError(f"{file}:{number}: not a JSON object") from None
         return rows
-    if suffix not in (".csv", ".tsv"):
-        raise DataError(f"{file}: unknown format {suffix!r}; use .csv, .tsv or .jsonl")
-    if suffix == ".tsv":
-        reader = csv.DictReader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-        reader = csv.DictReader(text.splitlines())
-    rows = list(reader)
+    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+    reader = csv.DictReader(io.StringIO(text, newline=""), **options)
+    rows: list[Row] = []
+    if reader.fieldnames is None:  # reading the header
+        raise DataError(f"data file {file} has no header")
+    line = reader.line_num + 1
+    for record in reader:
+        rows.append(Row(line, {k: v for k, v in record.items() if k is not None}))
+        line = reader.line_num + 1
     if not rows:
         raise DataError(f"data file {file} has a header but no rows")
     return rows
@@ -71,27 +85,38 @@ def read_table(path: str | Path, text_col: str, label_col: str, pair_col: str | 
     outside that set is an error naming the file and line.
     """
     rows = read_rows(path)
-    columns = list(rows[0])
-    for column in (text_col, label_col, pair_col):
-        if column is not None and column not in columns:
-            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(columns)}); "
-                            "choose with --text-column / --label-column")
-    raw = [row[label_col].strip() if row[label_col] is not None else "" for row in rows]
+    wanted = [c for c in (text_col, label_col, pair_col) if c is not None]
+    for row in rows:
+        for column in wanted:
+            if row.values.get(column) is None:
+                columns = ", ".join(row.values)
+                raise DataError(f"{path}:{row.line}: no column {column!r} (columns: {columns}); "
+                                "choose with --text-column / --label-column")
+    raw = [row.values[label_col].strip() for row in rows]
+    for row, value in zip(rows, raw):
+        if not value:
+            raise DataError(f"{path}:{row.line}: missing label")
     if label_names is None:
         label_names = _label_order(sorted(set(raw)))
     index = {name: i for i, name in enumerate(label_names)}
     labels = []
-    for number, value in enumerate(raw, 2):
+    for row, value in zip(rows, raw):
         if value not in index:
-            raise DataError(f"{path}:{number}: label {value!r} is outside the label set {label_names}")
+            raise DataError(f"{path}:{row.line}: label {value!r} is outside the label set {label_names}")
         labels.append(index[value])
-    texts = [row[text_col] or "" for row in rows]
-    pairs = [row[pair_col] or "" for row in rows] if pair_col else None
+    texts = [row.values[text_col] for row in rows]
+    pairs = [row.values[pair_col] for row in rows] if pair_col else None
     return TextTable(texts, pairs, labels), label_names
 
 
 def _label_order(values: list[str]) -> list[str]:
     # integer labels keep their numeric meaning ("0" -> class 0); others are sorted names
-    if all(v.lstrip("-").isdigit() for v in values):
+    def as_int(value: str) -> int | None:
+        try:
+            return int(value)
+        except ValueError:
+            return None
+
+    if all(as_int(v) is not None for v in values):
         return sorted(values, key=int)
     return values
