@@ -62,6 +62,11 @@ class Host(nn.Module):
         self._handles.clear()
 
     # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """Identity. adapterkit never calls a host; a container that calls every child (nn.Sequential)
+        reaches its host last and passes the value through unchanged."""
+        return x
+
     def running(self) -> list[nn.Module]:
         """The adapters that run in this call: active (or forced by ``use``), present, not merged."""
         override = active_override()
