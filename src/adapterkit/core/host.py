@@ -28,6 +28,7 @@ class Host(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.fingerprint = fingerprint
+        self._has_inputs = False  # lets the pre-hook return at once in the common case
         self._inplace = supports_inplace_delta(base)
         self._handles: list[RemovableHandle] = [
             base.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
@@ -49,11 +50,13 @@ class Host(nn.Module):
         # and adapter names are the user's. They are only ever read back through _modules.
         self._modules[name] = adapter
         self.active.append(name)
+        self._has_inputs = any(a.site is Site.INPUT for a in self._modules.values())
 
     def remove(self, name: str) -> None:
         """Drop ``name`` (the caller unmerges it first)."""
         del self._modules[name]
         self.active = [n for n in self.active if n != name]
+        self._has_inputs = any(a.site is Site.INPUT for a in self._modules.values())
 
     def release(self) -> None:
         """Unhook from the base module (the engine then deletes the host)."""
@@ -74,6 +77,8 @@ class Host(nn.Module):
         return [self._modules[n] for n in names if n in self._modules and n not in self.merged]  # type: ignore[misc]
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not self._has_inputs:
+            return None
         adapters = [a for a in self.running() if a.site is Site.INPUT]
         if not adapters or not args:
             return None
