@@ -30,7 +30,8 @@ def _imports(file: Path) -> list[str]:
 
 
 def _files() -> list[tuple[str, Path]]:
-    return [(f.relative_to(PACKAGE).parts[0], f) for f in PACKAGE.rglob("*.py") if len(f.relative_to(PACKAGE).parts) > 1]
+    files = [f for f in PACKAGE.rglob("*.py") if len(f.relative_to(PACKAGE).parts) > 1]
+    return [(f.relative_to(PACKAGE).parts[0], f) for f in files]
 
 
 @pytest.mark.parametrize("package,file", _files(), ids=lambda v: str(v).rsplit("adapterkit/", 1)[-1])

@@ -18,6 +18,14 @@ def _is_conv1d_gpt2(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def tensor(module: nn.Module, name: str) -> Tensor:
+    """A module's parameter or buffer ``name`` as a Tensor (a typed getattr)."""
+    value = getattr(module, name)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is not a tensor")
+    return value
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     """Kind and sizes of a base layer: kind is "linear", "conv2d", "embedding", "norm" or "module"."""
@@ -32,15 +40,15 @@ def layer_info(module: nn.Module) -> LayerInfo:
     if isinstance(module, nn.Linear):
         return LayerInfo("linear", module.in_features, module.out_features)
     if _is_conv1d_gpt2(module):
-        weight = module.weight
-        return LayerInfo("linear", weight.shape[0], weight.shape[1])
+        shape = tensor(module, "weight").shape
+        return LayerInfo("linear", int(shape[0]), int(shape[1]))
     if isinstance(module, nn.Conv2d):
         return LayerInfo("conv2d", module.in_channels, module.out_channels)
     if isinstance(module, nn.Embedding):
         return LayerInfo("embedding", module.num_embeddings, module.embedding_dim)
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm"):
         weight = getattr(module, "weight", None)
-        size = weight.shape[0] if weight is not None else 0
+        size = int(weight.shape[0]) if isinstance(weight, Tensor) else 0
         return LayerInfo("norm", size, size)
     return LayerInfo("module", 0, 0)
 
@@ -52,7 +60,7 @@ def is_norm(module: nn.Module) -> bool:
 
 def read_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """(weight, bias) of a base layer in the canonical (out, in, ...) layout, as detached copies."""
-    weight = module.weight.detach()
+    weight = tensor(module, "weight").detach()
     if _is_conv1d_gpt2(module):
         weight = weight.t()
     bias = getattr(module, "bias", None)
@@ -64,9 +72,9 @@ def write_weight(module: nn.Module, weight: Tensor, bias: Tensor | None) -> None
     """Copy canonical-layout (weight, bias) back into the base layer's own parameters."""
     if _is_conv1d_gpt2(module):
         weight = weight.t()
-    module.weight.copy_(weight)
+    tensor(module, "weight").copy_(weight)
     if bias is not None:
-        module.bias.copy_(bias)
+        tensor(module, "bias").copy_(bias)
 
 
 def supports_inplace_delta(module: nn.Module) -> bool:
@@ -76,7 +84,7 @@ def supports_inplace_delta(module: nn.Module) -> bool:
 
 def weight_view(module: nn.Module) -> Tensor:
     """The live weight in canonical (out, in, ...) layout (a view for Conv1D; gradients flow)."""
-    weight = module.weight
+    weight = tensor(module, "weight")
     return weight.t() if _is_conv1d_gpt2(module) else weight
 
 

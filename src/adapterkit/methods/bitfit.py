@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
-from adapterkit.core.layers import layer_info
+from adapterkit.core.layers import layer_info, tensor
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec
@@ -43,15 +43,18 @@ class BiasDelta(nn.Module):
         super().__init__()
         self.spec = spec
         self.channel_dim = 1 if layer_info(base).kind == "conv2d" else -1
-        self.delta_b = nn.Parameter(torch.zeros_like(base.bias, requires_grad=True))
+        self.delta_b = nn.Parameter(torch.zeros_like(tensor(base, "bias")))
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        assert base_out is not None  # a PARALLEL adapter always sees the base output
         if self.channel_dim == 1:
             return self.delta_b[:, None, None].expand_as(base_out)  # (C,) -> (B, C, H, W)
         return self.delta_b.expand_as(base_out)
 
     def merge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        assert bias is not None  # check_target admits only modules with a bias
         return weight, bias + self.delta_b.to(bias.dtype)
 
     def unmerge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        assert bias is not None
         return weight, bias - self.delta_b.to(bias.dtype)

@@ -73,10 +73,9 @@ class Bottleneck(nn.Module):
     def __init__(self, spec: _BottleneckSpec, size: int, like: Tensor) -> None:
         super().__init__()
         hidden = spec.hidden or max(1, round(size / spec.reduction_factor))
-        factory = {"dtype": like.dtype, "device": like.device}
-        self.down = nn.Linear(size, hidden, **factory)
+        self.down = nn.Linear(size, hidden, dtype=like.dtype, device=like.device)
         self.act = ACTIVATIONS[spec.activation]()
-        self.up = nn.Linear(hidden, size, **factory)
+        self.up = nn.Linear(hidden, size, dtype=like.dtype, device=like.device)
         with torch.no_grad():
             if spec.init == "bert":
                 for layer in (self.down, self.up):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
-from adapterkit.core.layers import layer_info
+from adapterkit.core.layers import layer_info, tensor
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
@@ -52,11 +52,12 @@ class IA3Scale(nn.Module):
         info = layer_info(base)
         size = info.out_features if spec.position == "output" else info.in_features
         self.site = Site.OUTPUT if spec.position == "output" else Site.INPUT
-        self.ia3_l = nn.Parameter(torch.full((size,), float(spec.init), dtype=base.weight.dtype,
-                                             device=base.weight.device))
+        weight = tensor(base, "weight")
+        self.ia3_l = nn.Parameter(torch.full((size,), float(spec.init), dtype=weight.dtype, device=weight.device))
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
-        return (base_out if self.site is Site.OUTPUT else x) * self.ia3_l  # broadcasts over (..., features)
+        scaled = x if base_out is None else base_out  # INPUT site: no base output yet
+        return scaled * self.ia3_l  # broadcasts over (..., features)
 
     def _factor(self, weight: Tensor) -> Tensor:
         scale = self.ia3_l.to(weight.dtype)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
-from adapterkit.core.layers import layer_info
+from adapterkit.core.layers import layer_info, tensor
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
@@ -77,9 +77,9 @@ class _LowRank(nn.Module):
         super().__init__()
         self.spec = spec
         self.scale = lora_scale(spec.alpha, spec.r, spec.scaling)
-        factory = {"dtype": like.dtype if like.is_floating_point() else torch.float32, "device": like.device}
-        self.lora_a = nn.Parameter(torch.empty(a_shape, **factory))
-        self.lora_b = nn.Parameter(torch.zeros(b_shape, **factory))
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        self.lora_a = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=like.device))
+        self.lora_b = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=like.device))
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
 
     def delta_weight(self) -> Tensor:
@@ -98,7 +98,7 @@ class LoRALinear(_LowRank):
 
     def __init__(self, spec: LoRA, base: nn.Module) -> None:
         info = layer_info(base)
-        super().__init__(spec, (spec.r, info.in_features), (info.out_features, spec.r), base.weight)
+        super().__init__(spec, (spec.r, info.in_features), (info.out_features, spec.r), tensor(base, "weight"))
         if spec.init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         else:
@@ -120,7 +120,7 @@ class LoRAConv2d(_LowRank):
     def __init__(self, spec: LoRA, base: nn.Conv2d) -> None:
         kh, kw = base.kernel_size
         super().__init__(spec, (spec.r, base.in_channels, kh, kw), (base.out_channels, spec.r, 1, 1), base.weight)
-        self.conv_args = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
+        self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
         if spec.init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         else:
@@ -129,7 +129,8 @@ class LoRAConv2d(_LowRank):
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         if self.dropout is not None:
             x = self.dropout(x)
-        h = F.conv2d(x, self.lora_a, **self.conv_args)  # (B, r, H', W')
+        h = F.conv2d(x, self.lora_a, stride=self.stride, padding=self.padding,  # type: ignore[call-overload]
+                     dilation=self.dilation)  # (B, r, H', W')
         return F.conv2d(h * self.scale, self.lora_b)  # (B, out, H', W')
 
     def delta_weight(self) -> Tensor:

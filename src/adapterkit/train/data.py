@@ -63,18 +63,21 @@ def read_rows(path: str | Path) -> list[Row]:
                 except (json.JSONDecodeError, AttributeError):
                     raise DataError(f"{file}:{number}: not a JSON object") from None
         return rows
-    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
-    reader = csv.DictReader(io.StringIO(text, newline=""), **options)
-    rows: list[Row] = []
+    stream = io.StringIO(text, newline="")
+    if suffix == ".tsv":
+        reader = csv.DictReader(stream, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.DictReader(stream)
+    table: list[Row] = []
     if reader.fieldnames is None:  # reading the header
         raise DataError(f"data file {file} has no header")
-    line = reader.line_num + 1
+    start = reader.line_num + 1
     for record in reader:
-        rows.append(Row(line, {k: v for k, v in record.items() if k is not None}))
-        line = reader.line_num + 1
-    if not rows:
+        table.append(Row(start, {k: v for k, v in record.items() if k is not None}))
+        start = reader.line_num + 1
+    if not table:
         raise DataError(f"data file {file} has a header but no rows")
-    return rows
+    return table
 
 
 def read_table(path: str | Path, text_col: str, label_col: str, pair_col: str | None = None,
