@@ -18,7 +18,7 @@ The five models are timed interleaved in one process: each repeat runs every mod
 repeat to repeat), so slow drifts and background load hit all of them alike. After ``--warmup`` rounds, the median
 over ``--repeats`` rounds is reported per model, with its ratio to the base model.
 
-    python benchmarks/inference.py                        # 15 repeats, about 1-2 min on 2 cores
+    python benchmarks/inference.py                        # 20 repeats, about 2 min on 2 cores
     python benchmarks/inference.py --repeats 50 --json inference.json
 """
 
@@ -99,7 +99,7 @@ def check(models: dict, batch: dict) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds over the five models (default 15)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds over the five models (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before them (default 2)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the timings and checks here")
     args = parser.parse_args()

@@ -16,8 +16,12 @@ alternate adapterkit, peft, adapterkit, peft, ... for ``--rounds`` rounds. A sub
 The table shows the median over rounds per library and the adapterkit / peft ratios. Timings are wall-clock on
 the CPU with ``torch.set_num_threads(2)``; other load on the machine shows up in them.
 
-    python benchmarks/train_step.py                           # 3 rounds x 20 steps, about 1-2 min on 2 cores
-    python benchmarks/train_step.py --rounds 5 --steps 40 --json train_step.json
+A step (batch 32 x 64 through the 6-layer encoder, forward and backward) takes about 2 s on 2 otherwise idle cores
+and about 6 s when another 2-thread job shares them, so the default of 5 timed steps keeps a run near 2.5 minutes
+on an idle machine (about 5 minutes on a shared one); raise ``--steps`` for tighter medians.
+
+    python benchmarks/train_step.py                           # 3 rounds x 5 steps
+    python benchmarks/train_step.py --steps 20 --json train_step.json   # about 6 min on an idle machine
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each runs adapterkit then peft (default 3)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run, after 3 warmup steps (default 20)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per run, after 3 warmup steps (default 5)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write every run and the summary here")
     parser.add_argument("--one", choices=LIBRARIES, help=argparse.SUPPRESS)  # internal: one measuring subprocess
     args = parser.parse_args()
