@@ -53,8 +53,8 @@ def cuda_parity() -> float:
     torch.manual_seed(0)
     base = llama(256, 2, 512, 4, 2, 1000)
     ours = copy.deepcopy(base)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJ,
-                                                                      autocast_adapter_dtype=False)).eval()
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJ)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=False).eval()
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             if "lora_B" in name:
@@ -108,9 +108,8 @@ def train_speed(steps: int) -> list[tuple[str, float, float]]:
         if variant == "floor":
             params = []
         elif variant.startswith("peft"):
-            config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=PROJ,
-                                     autocast_adapter_dtype=variant == "peft default")
-            model = peft.get_peft_model(model, config)
+            config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=PROJ)
+            model = peft.get_peft_model(model, config, autocast_adapter_dtype=variant == "peft default")
             params = [p for p in model.parameters() if p.requires_grad]
         else:
             ak.attach(model, "a", ak.LoRA(r=16, alpha=32), PROJ)
