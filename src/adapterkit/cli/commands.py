@@ -107,7 +107,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     targets = _targets(args, model)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                          max_steps=args.max_steps, seed=args.seed, head=[h for h in args.head.split(",") if h])
-    print(ak.explain(model, targets, spec).rows.__len__(), f"modules adapted with {spec.method} ({targets})")
+    plan = ak.explain(model, targets, spec)
+    print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(targets)}): "
+          f"{plan.adapter_params:,} adapter parameters")
     record = {"model": str(Path(model_dir).resolve()), "data": data_name, "train_file": train_path,
               "dev_file": dev_path, "labels": labels, "targets": targets,
               "columns": {"text": args.text_column, "label": args.label_column, "pair": args.pair_column}}
