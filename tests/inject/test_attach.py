@@ -142,6 +142,17 @@ def test_generate_still_works_with_an_adapter() -> None:
 def test_low_precision_models(dtype) -> None:
     model = make_tiny("llama").to(dtype)
     ak.attach(model, "a", ak.LoRA(r=2), ["q_proj"])
-    adapter = placements(model, "a")[0][2].adapter("a")
-    assert adapter.lora_a.dtype == dtype
-    assert logits(model, tokens()).dtype == dtype
+    ak.attach(model, "b", ak.DoRA(r=2), ["k_proj"])
+    ak.attach(model, "c", ak.IA3(), ["v_proj"])
+    ak.attach(model, "d", ak.SeqBottleneck(hidden=4), ["mlp"])
+    ak.attach(model, "e", ak.LoRA(r=2), ["embed_tokens"])
+    for name in ("a", "b", "c", "d", "e"):
+        randomize(model, name)
+        for param in placements(model, name)[0][2].adapter(name).parameters():
+            assert param.dtype == torch.float32  # float32 masters on a low-precision base
+    out = logits(model, tokens())
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ak.train_only(model, ["a", "b", "c", "d", "e"])
+    model.train()
+    model(input_ids=tokens()).logits.float().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)

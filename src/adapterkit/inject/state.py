@@ -84,13 +84,14 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, mod
         "weights_sha256": digest,
     }
     try:
-        old = _read_record(out) if (out / RECORD).exists() else None
         atomic_write(out / weights_name, blob)
         atomic_write(out / RECORD, (json.dumps(record, indent=2) + "\n").encode())
     except OSError as exc:
         raise StateError(f"cannot write adapter to {out}: {exc.strerror or exc}") from None
-    if old and old.get("weights") != weights_name:
-        (out / str(old["weights"])).unlink(missing_ok=True)
+    # Only now is the previous weights file unreferenced; this also removes files orphaned by a killed save.
+    for stale in out.glob("adapter-*.safetensors"):
+        if stale.name != weights_name:
+            stale.unlink(missing_ok=True)
     return out
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
 from adapterkit.core.layers import layer_info, tensor
+from adapterkit.core.precision import as_compute, master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec
@@ -43,13 +44,15 @@ class BiasDelta(nn.Module):
         super().__init__()
         self.spec = spec
         self.channel_dim = 1 if layer_info(base).kind == "conv2d" else -1
-        self.delta_b = nn.Parameter(torch.zeros_like(tensor(base, "bias")))
+        bias = tensor(base, "bias")
+        self.delta_b = nn.Parameter(torch.zeros_like(bias, dtype=master_dtype(bias)))
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         assert base_out is not None  # a PARALLEL adapter always sees the base output
+        delta = as_compute(self.delta_b, base_out)
         if self.channel_dim == 1:
-            return self.delta_b[:, None, None].expand_as(base_out)  # (C,) -> (B, C, H, W)
-        return self.delta_b.expand_as(base_out)
+            return delta[:, None, None].expand_as(base_out)  # (C,) -> (B, C, H, W)
+        return delta.expand_as(base_out)
 
     def merge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         assert bias is not None  # check_target admits only modules with a bias

@@ -21,10 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
 from adapterkit.core.layers import io_sizes, is_norm
+from adapterkit.core.precision import as_compute, master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
@@ -73,9 +75,10 @@ class Bottleneck(nn.Module):
     def __init__(self, spec: _BottleneckSpec, size: int, like: Tensor) -> None:
         super().__init__()
         hidden = spec.hidden or max(1, round(size / spec.reduction_factor))
-        self.down = nn.Linear(size, hidden, dtype=like.dtype, device=like.device)
+        dtype = master_dtype(like)
+        self.down = nn.Linear(size, hidden, dtype=dtype, device=like.device)
         self.act = ACTIVATIONS[spec.activation]()
-        self.up = nn.Linear(hidden, size, dtype=like.dtype, device=like.device)
+        self.up = nn.Linear(hidden, size, dtype=dtype, device=like.device)
         with torch.no_grad():
             if spec.init == "bert":
                 for layer in (self.down, self.up):
@@ -91,7 +94,8 @@ class Bottleneck(nn.Module):
                 self.up.bias.zero_()
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.up(self.act(self.down(h)))  # (..., size) -> (..., hidden) -> (..., size)
+        down = F.linear(h, as_compute(self.down.weight, h), as_compute(self.down.bias, h))  # (..., hidden)
+        return F.linear(self.act(down), as_compute(self.up.weight, h), as_compute(self.up.bias, h))  # (..., size)
 
 
 @register("seq_bn")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
 from adapterkit.core.layers import layer_info, weight_view
+from adapterkit.core.precision import master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.methods.lora import LoRA, LoRALinear
@@ -47,16 +48,19 @@ class DoRALinear(nn.Module):
         self.lora = LoRALinear(spec, base)
         self._base = (base,)  # a tuple, so the base is not registered (and saved) a second time
         with torch.no_grad():
-            self.magnitude = nn.Parameter(weight_view(base).detach().norm(dim=1).clone())  # (out,)
+            weight = weight_view(base).detach()
+            self.magnitude = nn.Parameter(weight.to(master_dtype(weight)).norm(dim=1))  # (out,)
         self.register_buffer("merged_norm", None, persistent=False)
 
     def _direction_norm(self, weight: Tensor) -> Tensor:
         return (weight + self.lora.delta_weight().to(weight.dtype)).norm(dim=1)  # (out,)
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        assert base_out is not None  # an OUTPUT adapter always sees the base output
         base = self._base[0]
-        norm = self._direction_norm(weight_view(base)).detach()
-        factor = self.magnitude / norm  # (out,)
+        weight = weight_view(base)
+        norm = self._direction_norm(weight.to(self.magnitude.dtype)).detach()
+        factor = (self.magnitude / norm).to(base_out.dtype)  # (out,)
         bias = getattr(base, "bias", None)
         no_bias = base_out if bias is None else base_out - bias
         if self.lora.dropout is not None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
 from adapterkit.core.layers import layer_info, tensor
+from adapterkit.core.precision import as_compute, master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
@@ -53,11 +54,12 @@ class IA3Scale(nn.Module):
         size = info.out_features if spec.position == "output" else info.in_features
         self.site = Site.OUTPUT if spec.position == "output" else Site.INPUT
         weight = tensor(base, "weight")
-        self.ia3_l = nn.Parameter(torch.full((size,), float(spec.init), dtype=weight.dtype, device=weight.device))
+        self.ia3_l = nn.Parameter(torch.full((size,), float(spec.init), dtype=master_dtype(weight),
+                                             device=weight.device))
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         scaled = x if base_out is None else base_out  # INPUT site: no base output yet
-        return scaled * self.ia3_l  # broadcasts over (..., features)
+        return scaled * as_compute(self.ia3_l, scaled)  # broadcasts over (..., features)
 
     def _factor(self, weight: Tensor) -> Tensor:
         scale = self.ia3_l.to(weight.dtype)

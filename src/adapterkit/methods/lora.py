@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
 from adapterkit.core.layers import layer_info, tensor
+from adapterkit.core.precision import as_compute, master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
@@ -77,7 +78,7 @@ class _LowRank(nn.Module):
         super().__init__()
         self.spec = spec
         self.scale = lora_scale(spec.alpha, spec.r, spec.scaling)
-        dtype = like.dtype if like.is_floating_point() else torch.float32
+        dtype = master_dtype(like)
         self.lora_a = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=like.device))
         self.lora_b = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=like.device))
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
@@ -107,8 +108,8 @@ class LoRALinear(_LowRank):
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         if self.dropout is not None:
             x = self.dropout(x)
-        h = F.linear(x, self.lora_a)  # (..., r)
-        return F.linear(h * self.scale, self.lora_b)  # (..., out): scaling the small (..., r) tensor is cheaper
+        h = F.linear(x, as_compute(self.lora_a, x))  # (..., r)
+        return F.linear(h * self.scale, as_compute(self.lora_b, x))  # (..., out): scale the small (..., r) tensor
 
     def delta_weight(self) -> Tensor:
         return (self.lora_b @ self.lora_a) * self.scale  # (out, in)
@@ -129,9 +130,9 @@ class LoRAConv2d(_LowRank):
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         if self.dropout is not None:
             x = self.dropout(x)
-        h = F.conv2d(x, self.lora_a, stride=self.stride, padding=self.padding,  # type: ignore[call-overload]
+        h = F.conv2d(x, as_compute(self.lora_a, x), stride=self.stride, padding=self.padding,  # type: ignore[call-overload]
                      dilation=self.dilation)  # (B, r, H', W')
-        return F.conv2d(h * self.scale, self.lora_b)  # (B, out, H', W')
+        return F.conv2d(h * self.scale, as_compute(self.lora_b, x))  # (B, out, H', W')
 
     def delta_weight(self) -> Tensor:
         r = self.lora_a.shape[0]
@@ -150,7 +151,8 @@ class LoRAEmbedding(_LowRank):
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         h = F.embedding(x, self.lora_a.t(), padding_idx=self.padding_idx)  # (..., r)
-        return F.linear(h * self.scale, self.lora_b)  # (..., dim)
+        delta = F.linear(h * self.scale, self.lora_b)  # (..., dim)
+        return delta if base_out is None else delta.to(base_out.dtype)  # ids carry no dtype: match the embedding
 
     def delta_weight(self) -> Tensor:
         return (self.lora_b @ self.lora_a).t() * self.scale  # (num_embeddings, dim)
