@@ -84,9 +84,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = parse_spec(args.method, args.param)  # bad specs fail before anything loads
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--max-length", args.max_length),
-                        ("--max-steps", args.max_steps)):
+                        ("--max-steps", args.max_steps), ("--grad-accum", args.grad_accum),
+                        ("--checkpoint-every", args.checkpoint_every)):
         if value is not None and value < 1:
             raise AdapterKitError(f"{flag} must be at least 1, got {value}")
+    if args.grad_accum > args.batch_size:
+        raise AdapterKitError(f"--grad-accum {args.grad_accum} exceeds --batch-size {args.batch_size}")
     if args.dev and not args.data:
         raise AdapterKitError("--dev needs --data (the default data set brings its own dev split)")
     train_path, dev_path = (args.data, args.dev) if args.data else map(str, shipped_sst2())
@@ -101,19 +104,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         dev, _ = read_table(dev_path, *columns, label_names=labels)
     else:
         train, dev = _split(train, args.seed)
+    if args.resume and not (out / "checkpoint.safetensors").exists():
+        print(f"--resume: no checkpoint in {out} yet; starting from the beginning")
     model_dir = args.model or default_model_dir()
     seed_everything(args.seed)
     model, tokenizer = load_classifier(model_dir, len(labels))
     targets = _targets(args, model)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                         max_steps=args.max_steps, seed=args.seed, head=[h for h in args.head.split(",") if h])
+                         max_steps=args.max_steps, seed=args.seed, head=[h for h in args.head.split(",") if h],
+                         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
+                         precision=args.precision, checkpoint_every=args.checkpoint_every)
     plan = ak.explain(model, targets, spec)
     print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(targets)}): "
           f"{plan.adapter_params:,} adapter parameters")
     record = {"model": str(Path(model_dir).resolve()), "data": data_name, "train_file": train_path,
               "dev_file": dev_path, "labels": labels, "targets": targets,
               "columns": {"text": args.text_column, "label": args.label_column, "pair": args.pair_column}}
-    metrics = fit(model, tokenizer, "adapter", spec, targets, train, dev, config, out, record)
+    metrics = fit(model, tokenizer, "adapter", spec, targets, train, dev, config, out, record, resume=args.resume)
     print(f"dev accuracy {metrics['dev_accuracy']:.2f}  trainable parameters {metrics['trainable_parameters']:,}  "
           f"{metrics['train_seconds']:.0f} s  ->  {out}")
     return 0

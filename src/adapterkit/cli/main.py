@@ -44,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--head", default="classifier",
                        help="comma-separated modules trained and saved with the adapter (default classifier)")
     group.add_argument("--out", default=None, help="output folder (default runs/<data>-<method>)")
+    group = train.add_argument_group("memory and resuming")
+    group.add_argument("--grad-accum", type=int, default=1,
+                       help="split each batch into N micro-batches: same updates, less activation memory")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations during backward instead of storing them")
+    group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16 autocast for the model's compute; adapter weights stay float32 (default fp32)")
+    group.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                       help="write a resumable checkpoint to OUT/checkpoint.safetensors every N steps")
+    group.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint.safetensors (same result as an uninterrupted run)")
 
     evaluate = sub.add_parser("eval", help="dev accuracy of a trained run",
                               description="Evaluate a run folder written by `adapterkit train`.")

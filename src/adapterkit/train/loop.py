@@ -20,6 +20,7 @@ from adapterkit.core.errors import AdapterKitError
 from adapterkit.core.spec import AdapterSpec
 from adapterkit.inject.engine import attach, train_only
 from adapterkit.inject.state import atomic_write, save
+from adapterkit.train.checkpoint import load_checkpoint, save_checkpoint
 from adapterkit.train.data import TextTable
 
 
@@ -36,6 +37,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     head: list[str] = field(default_factory=lambda: ["classifier"])  # trained with the adapter, saved with it
+    grad_accum: int = 1  # split each batch into this many micro-batches (same result, less activation memory)
+    gradient_checkpointing: bool = False  # recompute activations in backward (HF models)
+    precision: str = "fp32"  # "fp32", or "bf16" autocast (adapter weights stay float32 masters)
+    checkpoint_every: int | None = None  # write a resumable checkpoint every N optimizer steps
 
 
 @dataclass
@@ -98,9 +103,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _micro_batches(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, parts: int):
+    """Split a batch into ``parts`` micro-batches with the weight of each in the batch mean."""
+    rows = ids.shape[0]
+    for chunk in torch.arange(rows).chunk(parts):
+        yield ids[chunk], mask[chunk], labels[chunk], len(chunk) / rows
+
+
 def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTable, config: TrainConfig,
-                 desc: str = "train") -> tuple[dict[str, list], float]:
-    """Train every parameter that requires grad; returns the history and the training seconds."""
+                 desc: str = "train", checkpoint: Path | None = None, resume: bool = False
+                 ) -> tuple[dict[str, list], float]:
+    """Train every parameter that requires grad; returns the history and the training seconds.
+
+    With ``checkpoint`` and ``config.checkpoint_every``, the full training state is written there every N steps
+    (atomically); ``resume`` continues from it, giving the same result as an uninterrupted run.
+    """
     pad_id = tokenizer.pad_token_id or 0
     train_enc, dev_enc = encode(tokenizer, train, config.max_length), encode(tokenizer, dev, config.max_length)
     steps_per_epoch = math.ceil(len(train_enc.ids) / config.batch_size)
@@ -114,46 +131,71 @@ def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTa
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     generator = torch.Generator().manual_seed(config.seed)
     history: dict[str, list] = {"step": [], "loss": [], "epoch": [], "epoch_step": [], "dev_accuracy": []}
-    step, seconds = 0, 0.0
+    progress: dict[str, Any] = {"step": 0, "epoch": 1, "batch": 0, "seconds": 0.0, "history": history}
+    if resume and checkpoint is not None and checkpoint.exists():
+        progress, epoch_rng = load_checkpoint(checkpoint, model, optimizer, schedule)
+        history = progress["history"]
+        generator.set_state(epoch_rng)
+    if config.gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if not callable(enable):
+            raise AdapterKitError("gradient checkpointing needs a transformers model (gradient_checkpointing_enable)")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # non-reentrant: works with a frozen base
+    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
+                              enabled=config.precision == "bf16")
     model.train()
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total, initial=progress["step"], desc=desc, unit="step", dynamic_ncols=True,
                disable=os.environ.get("ADAPTERKIT_NO_PROGRESS") == "1")
-    for epoch in range(1, config.epochs + 1):
+    while progress["epoch"] <= config.epochs and progress["step"] < total:
+        epoch_rng = generator.get_state()  # saved in checkpoints: the epoch's order can be drawn again
         order = torch.randperm(len(train_enc.ids), generator=generator).tolist()
         start = time.perf_counter()
-        for ids, mask, labels in batches(train_enc, config.batch_size, order, pad_id):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
+        for index, (ids, mask, labels) in enumerate(batches(train_enc, config.batch_size, order, pad_id)):
+            if index < progress["batch"] or progress["step"] >= total:
+                continue  # batches done before the checkpoint we resumed from
+            value = 0.0
+            for m_ids, m_mask, m_labels, weight in _micro_batches(ids, mask, labels, config.grad_accum):
+                with autocast:
+                    loss = model(input_ids=m_ids, attention_mask=m_mask, labels=m_labels).loss * weight
+                loss.backward()
+                value += loss.detach().item()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            value = loss.detach().item()
-            history["step"].append(step)
+            progress["step"] += 1
+            progress["batch"] = index + 1
+            history["step"].append(progress["step"])
             history["loss"].append(value)
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", epoch=epoch)
-            if step >= total:
-                break
-        seconds += time.perf_counter() - start  # training time only, not evaluation
+            bar.set_postfix(loss=f"{value:.4f}", epoch=progress["epoch"])
+            if checkpoint is not None and config.checkpoint_every and progress["step"] % config.checkpoint_every == 0:
+                progress["seconds"] += time.perf_counter() - start
+                start = time.perf_counter()
+                save_checkpoint(checkpoint, model, optimizer, schedule, progress, epoch_rng)
+        progress["seconds"] += time.perf_counter() - start  # training time only, not evaluation
         dev_acc = accuracy(model, dev_enc, config.batch_size, pad_id)
-        history["epoch"].append(epoch)
-        history["epoch_step"].append(step)
+        history["epoch"].append(progress["epoch"])
+        history["epoch_step"].append(progress["step"])
         history["dev_accuracy"].append(dev_acc)
-        bar.write(f"epoch {epoch}: dev accuracy {dev_acc:.2f}")
-        if step >= total:
-            break
+        bar.write(f"epoch {progress['epoch']}: dev accuracy {dev_acc:.2f}")
+        progress["epoch"] += 1
+        progress["batch"] = 0
     bar.close()
-    return history, seconds
+    return history, progress["seconds"]
 
 
 def fit(model: nn.Module, tokenizer: Any, name: str, spec: AdapterSpec, targets: Any, train: TextTable,
-        dev: TextTable, config: TrainConfig, out: Path, extra_record: dict[str, Any] | None = None) -> dict:
-    """Attach ``spec`` as ``name``, train it with the head, evaluate per epoch, save to ``out``; returns metrics."""
+        dev: TextTable, config: TrainConfig, out: Path, extra_record: dict[str, Any] | None = None,
+        resume: bool = False) -> dict:
+    """Attach ``spec`` as ``name``, train it with the head, evaluate per epoch, save to ``out``; returns metrics.
+
+    Checkpoints (``config.checkpoint_every``) go to ``out/checkpoint.safetensors``; ``resume`` continues from it.
+    """
     check_writable(out)
     attach(model, name, spec, targets)
     trainable = train_only(model, name, also=config.head)
-    history, seconds = run_training(model, tokenizer, train, dev, config, desc=f"train {name}")
+    history, seconds = run_training(model, tokenizer, train, dev, config, desc=f"train {name}",
+                                    checkpoint=out / "checkpoint.safetensors", resume=resume)
     save(model, out / "adapter", name, modules=tuple(config.head))
     metrics = {
         "dev_accuracy": history["dev_accuracy"][-1],
