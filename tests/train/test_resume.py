@@ -124,3 +124,35 @@ def test_resume_rejects_a_checkpoint_of_another_run(tiny_model_dir, data, tmp_pa
     assert main(_args(tiny_model_dir, data, tmp_path / "r", "--max-steps", "5")) == 0
     code = main(_args(tiny_model_dir, data, tmp_path / "r", "--resume", "--targets", "query"))
     assert code == 2
+
+
+def test_ddp_two_processes_match_one_process(tiny_model_dir, data, tmp_path, monkeypatch) -> None:
+    """torchrun, 2 processes, gloo: the same global batch gives the same loss curve and adapter as 1 process."""
+    from transformers import AutoConfig
+
+    no_dropout = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, no_dropout)
+    config = AutoConfig.from_pretrained(no_dropout, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                        classifier_dropout=0.0)
+    config.save_pretrained(no_dropout)
+    monkeypatch.setenv("ADAPTERKIT_NO_PROGRESS", "1")
+    single = tmp_path / "one"
+    assert main(_args(no_dropout, data, single, "--max-steps", "12", "--batch-size", "8")) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ADAPTERKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    double = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "adapterkit.cli.main", *_args(no_dropout, data, double, "--max-steps", "12", "--batch-size", "8")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    one = json.loads((single / "metrics.json").read_text())["history"]["loss"]
+    two = json.loads((double / "metrics.json").read_text())["history"]["loss"]
+    assert len(one) == len(two) == 12
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-5, rtol=1e-4)
+    expected, got = _adapter_tensors(single), _adapter_tensors(double)
+    for key, value in expected.items():  # complete adapters, not empty shards
+        assert got[key].shape == value.shape and got[key].numel() > 0
+        torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-4)

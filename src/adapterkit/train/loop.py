@@ -22,6 +22,7 @@ from adapterkit.inject.engine import attach, train_only
 from adapterkit.inject.state import atomic_write, save
 from adapterkit.train.checkpoint import load_checkpoint, save_checkpoint
 from adapterkit.train.data import TextTable
+from adapterkit.train.distributed import Parallel
 
 
 @dataclass
@@ -103,16 +104,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _micro_batches(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, parts: int):
-    """Split a batch into ``parts`` micro-batches with the weight of each in the batch mean."""
+def _micro_batches(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, parts: int, dist: Parallel):
+    """This process's rows of a global batch, in ``parts`` micro-batches, each with its weight in the batch mean."""
     rows = ids.shape[0]
-    for chunk in torch.arange(rows).chunk(parts):
-        yield ids[chunk], mask[chunk], labels[chunk], len(chunk) / rows
+    for chunk in dist.shard(torch.arange(rows)).chunk(parts):
+        if len(chunk):
+            yield ids[chunk], mask[chunk], labels[chunk], len(chunk) / rows
 
 
 def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTable, config: TrainConfig,
-                 desc: str = "train", checkpoint: Path | None = None, resume: bool = False
-                 ) -> tuple[dict[str, list], float]:
+                 desc: str = "train", checkpoint: Path | None = None, resume: bool = False,
+                 dist: Parallel | None = None) -> tuple[dict[str, list], float]:
     """Train every parameter that requires grad; returns the history and the training seconds.
 
     With ``checkpoint`` and ``config.checkpoint_every``, the full training state is written there every N steps
@@ -126,6 +128,7 @@ def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTa
         total = min(total, config.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    dist = dist or Parallel()
     warm = max(1, int(config.warmup * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
@@ -143,9 +146,10 @@ def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTa
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # non-reentrant: works with a frozen base
     autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
                               enabled=config.precision == "bf16")
+    runner, optimizer = dist.prepare(model, optimizer)  # runner: the model, or its DDP wrapper
     model.train()
     bar = tqdm(total=total, initial=progress["step"], desc=desc, unit="step", dynamic_ncols=True,
-               disable=os.environ.get("ADAPTERKIT_NO_PROGRESS") == "1")
+               disable=os.environ.get("ADAPTERKIT_NO_PROGRESS") == "1" or not dist.is_main)
     while progress["epoch"] <= config.epochs and progress["step"] < total:
         epoch_rng = generator.get_state()  # saved in checkpoints: the epoch's order can be drawn again
         order = torch.randperm(len(train_enc.ids), generator=generator).tolist()
@@ -154,11 +158,12 @@ def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTa
             if index < progress["batch"] or progress["step"] >= total:
                 continue  # batches done before the checkpoint we resumed from
             value = 0.0
-            for m_ids, m_mask, m_labels, weight in _micro_batches(ids, mask, labels, config.grad_accum):
+            for m_ids, m_mask, m_labels, weight in _micro_batches(ids, mask, labels, config.grad_accum, dist):
                 with autocast:
-                    loss = model(input_ids=m_ids, attention_mask=m_mask, labels=m_labels).loss * weight
-                loss.backward()
+                    loss = runner(input_ids=m_ids, attention_mask=m_mask, labels=m_labels).loss * weight
+                (loss * dist.loss_scale()).backward()
                 value += loss.detach().item()
+            value = dist.sum(value)  # the global batch's mean loss
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -171,13 +176,15 @@ def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTa
             if checkpoint is not None and config.checkpoint_every and progress["step"] % config.checkpoint_every == 0:
                 progress["seconds"] += time.perf_counter() - start
                 start = time.perf_counter()
-                save_checkpoint(checkpoint, model, optimizer, schedule, progress, epoch_rng)
+                if dist.is_main:  # parameters are replicated: one writer suffices
+                    save_checkpoint(checkpoint, model, optimizer, schedule, progress, epoch_rng)
         progress["seconds"] += time.perf_counter() - start  # training time only, not evaluation
         dev_acc = accuracy(model, dev_enc, config.batch_size, pad_id)
         history["epoch"].append(progress["epoch"])
         history["epoch_step"].append(progress["step"])
         history["dev_accuracy"].append(dev_acc)
-        bar.write(f"epoch {progress['epoch']}: dev accuracy {dev_acc:.2f}")
+        if dist.is_main:
+            bar.write(f"epoch {progress['epoch']}: dev accuracy {dev_acc:.2f}")
         progress["epoch"] += 1
         progress["batch"] = 0
     bar.close()
@@ -194,9 +201,9 @@ def fit(model: nn.Module, tokenizer: Any, name: str, spec: AdapterSpec, targets:
     check_writable(out)
     attach(model, name, spec, targets)
     trainable = train_only(model, name, also=config.head)
+    dist = Parallel()
     history, seconds = run_training(model, tokenizer, train, dev, config, desc=f"train {name}",
-                                    checkpoint=out / "checkpoint.safetensors", resume=resume)
-    save(model, out / "adapter", name, modules=tuple(config.head))
+                                    checkpoint=out / "checkpoint.safetensors", resume=resume, dist=dist)
     metrics = {
         "dev_accuracy": history["dev_accuracy"][-1],
         "best_dev_accuracy": max(history["dev_accuracy"]),
@@ -205,10 +212,15 @@ def fit(model: nn.Module, tokenizer: Any, name: str, spec: AdapterSpec, targets:
         "steps": history["step"][-1] if history["step"] else 0,
         "history": history,
     }
+    if not dist.is_main:  # replicated weights: the main process writes everything
+        dist.barrier()
+        return metrics
+    save(model, out / "adapter", name, modules=tuple(config.head))
     record = {"config": asdict(config), "method": spec.to_dict(), **(extra_record or {})}
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
     atomic_write(out / "run.json", (json.dumps(record, indent=2) + "\n").encode())
     from adapterkit.train.plots import training_curve
 
     training_curve(history, out / "training_curve.png", title=f"{spec.method} on {record.get('data', 'data')}")
+    dist.barrier()
     return metrics
