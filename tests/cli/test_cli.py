@@ -246,7 +246,7 @@ def test_targets_matching_nothing(capsys, tmp_path, data_dir):
 
 def test_train_writes_the_run_folder(trained):
     out = trained["out"]
-    assert "12 modules adapted with lora" in trained["stdout"]
+    assert "lora on 12 modules (query, value): 73,728 adapter parameters" in trained["stdout"]
     assert f"-> {out}" in trained["stdout"].replace("  ", " ")
     assert (out / "adapter" / "adapter.json").is_file()
 
