@@ -1,0 +1,121 @@
+"""LoRA training cost against the floor: frozen-model forward+backward vs peft (default and bf16 adapters) vs
+adapterkit (float32 adapter masters, weights cast to bf16 where used) and adapterkit with gradient checkpointing.
+
+Each variant runs in its own subprocess (peak memory per variant): median step time over --steps steps after
+3 warm-up steps, and peak memory (GPU: max allocated; CPU: peak RSS). A random Llama-shaped model, bf16 weights,
+LoRA r=16 on all 7 linear projections, AdamW, next-token loss.
+
+    python benchmarks/train_speed.py                 # CPU: small config (hidden 256, 4 layers, batch 4 x 128)
+    python benchmarks/train_speed.py --shape 1.1b    # GPU: hidden 2048, 22 layers, batch 8 x 1024 (the issue's shape)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {  # hidden, layers, intermediate, heads, kv heads, vocab, batch, tokens
+    "small": (256, 4, 688, 8, 4, 8000, 4, 128),
+    "1.1b": (2048, 22, 5632, 32, 4, 32000, 8, 1024),
+}
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ["floor", "peft default", "peft bf16 adapters", "adapterkit", "adapterkit + checkpointing"]
+
+
+def one(variant: str, shape: str, steps: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, inter, heads, kv, vocab, batch, tokens = SHAPES[shape]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(min(torch.get_num_threads(), 16))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         max_position_embeddings=max(2048, tokens))
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.requires_grad_(False)
+    if variant.startswith("peft"):
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=PROJ),
+                                    autocast_adapter_dtype=variant == "peft default")
+    elif variant.startswith("adapterkit"):
+        import adapterkit as ak
+
+        ak.attach(model, "a", ak.LoRA(r=16, alpha=32), PROJ)
+        ak.train_only(model, "a")
+        if "checkpointing" in variant:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    model.train()
+    ids = torch.randint(0, vocab, (batch, tokens), device=device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps + 3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if variant == "floor":  # frozen stack: gradients reach only the input embeddings
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    master = str(params[0].dtype) if params else "-"
+    return {"variant": variant, "ms": 1000 * statistics.median(times), "peak_gib": peak, "adapter_dtype": master,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(args.one, args.shape, args.steps)), flush=True)
+        return
+    rows = []
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, "--one", variant, "--shape", args.shape, "--steps", str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not lines:
+            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(lines[0][7:]))
+    floor = rows[0]
+    print(f"{args.shape} Llama shape on {floor['device']}, bf16 weights, LoRA r=16 on 7 projections, AdamW")
+    print(f"{'run':<28} {'adapter':>9} {'ms/step':>9} {'x floor':>8} {'peak GiB':>9} {'x floor':>8}")
+    for row in rows:
+        print(f"{row['variant']:<28} {row['adapter_dtype'].removeprefix('torch.'):>9} {row['ms']:>9.1f} "
+              f"{row['ms'] / floor['ms']:>8.2f} {row['peak_gib']:>9.2f} {row['peak_gib'] / floor['peak_gib']:>8.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
