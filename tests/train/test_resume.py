@@ -142,10 +142,11 @@ def test_ddp_two_processes_match_one_process(tiny_model_dir, data, tmp_path, mon
     assert main(_args(no_dropout, data, single, "--max-steps", "12", "--batch-size", "8")) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ADAPTERKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     double = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "adapterkit.cli.main", *_args(no_dropout, data, double, "--max-steps", "12", "--batch-size", "8")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() and "elastic" not in line]
+    assert result.returncode == 0, "\n".join(errors[-10:])
     import json
 
     one = json.loads((single / "metrics.json").read_text())["history"]["loss"]

@@ -91,7 +91,7 @@ def check_writable(out: Path) -> None:
     """Fail now, not after an hour of training, if ``out`` cannot be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # per process: data-parallel ranks probe at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
