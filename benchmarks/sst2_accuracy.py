@@ -4,6 +4,12 @@ LoRA r=8, alpha=16 on query/value of all-MiniLM-L6-v2 plus the classifier head; 
 AdamW lr 5e-4 with linear warmup (6%) and decay. Each (library, seed) runs in its own process, so the two libraries
 never share state. Prints a table and the mean per library.
 
+Two designs:
+  native  each library initialises its LoRA from the seed in its own way (peft draws extra random numbers while
+          building its layers, so the same seed gives the two libraries different A matrices and dropout masks);
+  paired  (--paired) both get the same A matrices (Kaiming-uniform from a generator seeded by the seed) and the
+          global RNG is re-seeded before training, so the runs differ only in the libraries' arithmetic.
+
     python benchmarks/sst2_accuracy.py --seeds 0 1            # full run, ~25 min on 2 cores
     python benchmarks/sst2_accuracy.py --seeds 0 --max-steps 50  # smoke test
 """
@@ -20,7 +26,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import minilm_dir  # noqa: E402
 
 
-def one_run(library: str, seed: int, max_steps: int | None) -> dict:
+def paired_init(model, seed: int) -> None:
+    """Overwrite every LoRA A with the same draw for both libraries (bound 1/sqrt(in), as kaiming_uniform(a=sqrt 5))."""
+    import torch
+
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if ("lora_A" in name or name.endswith("lora_a")) and param.dim() == 2:
+                bound = 1 / param.shape[1] ** 0.5
+                param.copy_(torch.rand(param.shape, generator=generator) * 2 * bound - bound)
+
+
+def one_run(library: str, seed: int, max_steps: int | None, paired: bool = False) -> dict:
     import torch
 
     import adapterkit as ak
@@ -43,6 +61,9 @@ def one_run(library: str, seed: int, max_steps: int | None) -> dict:
     else:
         ak.attach(model, "sst2", ak.LoRA(r=8, alpha=16), targets=["query", "value"])
         ak.train_only(model, "sst2", also=["classifier"])
+    if paired:
+        paired_init(model, seed)
+        torch.manual_seed(seed)  # the same dropout masks from here on
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = TrainConfig(epochs=3, lr=5e-4, batch_size=32, max_length=64, max_steps=max_steps, seed=seed)
     history, seconds = run_training(model, tokenizer, train, dev, config, desc=f"{library} seed {seed}")
@@ -54,11 +75,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--paired", action="store_true", help="same LoRA init and dropout stream for both")
     parser.add_argument("--one", nargs=2, metavar=("LIBRARY", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one_run(args.one[0], int(args.one[1]), args.max_steps)))
+        print("RESULT " + json.dumps(one_run(args.one[0], int(args.one[1]), args.max_steps, args.paired)))
         return
     results = []
     for seed in args.seeds:
@@ -66,6 +88,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", library, str(seed)]
             if args.max_steps:
                 cmd += ["--max-steps", str(args.max_steps)]
+            if args.paired:
+                cmd.append("--paired")
             out = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ,
                                                                           "ADAPTERKIT_NO_PROGRESS": "1"})
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
