@@ -8,6 +8,7 @@
 
 from adapterkit import methods as _methods  # noqa: F401  (registers every method)
 from adapterkit.api import activate, adapters, use
+from adapterkit.core.blocks import Select
 from adapterkit.core.errors import (
     AdapterKitError,
     NameInUseError,
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterKitError", "BitFit", "DoRA", "IA3", "LoRA", "NameInUseError", "ParBottleneck", "SeqBottleneck",
-    "SpecError", "StateError", "TargetError", "UnknownMethodError", "activate", "adapters", "attach", "detach",
-    "explain", "is_merged", "load", "merge", "methods", "read", "save", "spec_class", "spec_from_dict",
+    "Select", "SpecError", "StateError", "TargetError", "UnknownMethodError", "activate", "adapters", "attach",
+    "detach", "explain", "is_merged", "load", "merge", "methods", "read", "save", "spec_class", "spec_from_dict",
     "train_only", "unmerge", "use",
 ]

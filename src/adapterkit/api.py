@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from adapterkit.core.context import override_active
+from adapterkit.core.blocks import Select
+from adapterkit.core.context import SelectPlan, override_active, select_rows
+from adapterkit.core.errors import AdapterKitError
 from adapterkit.inject.engine import adapter_names, placements, set_active
 
 
@@ -17,11 +19,25 @@ def activate(model: nn.Module, *names: str) -> None:
 
 
 @contextlib.contextmanager
-def use(model: nn.Module, *names: str) -> Iterator[None]:
-    """Run exactly ``names`` inside the block (none: the base model), whatever is active outside it."""
-    for name in names:
-        placements(model, name)
-    with override_active(tuple(names)):
+def use(model: nn.Module, *setup: str | Select) -> Iterator[None]:
+    """Run exactly the named adapters inside the block (none: the base model), whatever is active outside it.
+
+    ``use(model, Select(["a", None, "b"]))`` runs one adapter per example (None: the base model), all rows in
+    one batch; its segment table is built here, once, and read by every layer.
+    """
+    if len(setup) == 1 and isinstance(setup[0], Select):
+        selected = setup[0]
+        for name in dict.fromkeys(n for n in selected.names if n is not None):
+            if any(name in host.merged for _, _, host in placements(model, name)):
+                raise AdapterKitError(f"Select: adapter {name!r} is merged into the base weights; unmerge it first")
+        with override_active(()), select_rows(SelectPlan(selected.names)):
+            yield
+        return
+    for item in setup:
+        if not isinstance(item, str):
+            raise AdapterKitError(f"use: expected adapter names or one Select block, got {type(item).__name__}")
+        placements(model, item)
+    with override_active(tuple(setup)):  # type: ignore[arg-type]
         yield
 
 

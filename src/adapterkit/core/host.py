@@ -12,10 +12,10 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from adapterkit.core.context import active_override
+from adapterkit.core.context import active_override, select_plan
 from adapterkit.core.layers import supports_inplace_delta
 from adapterkit.core.protocol import Site
-from adapterkit.core.run import apply_inputs, apply_outputs
+from adapterkit.core.run import apply_inputs, apply_outputs, apply_select, select_inputs
 
 HOST_ATTR = "adapterkit"
 
@@ -29,6 +29,7 @@ class Host(nn.Module):
         self.merged: list[str] = []
         self.fingerprint = fingerprint
         self._has_inputs = False  # lets the pre-hook return at once in the common case
+        self.select_cache: dict[str, Any] = {}  # stacked weights for Select, reused while they are unchanged
         self._inplace = supports_inplace_delta(base)
         self._handles: list[RemovableHandle] = [
             base.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
@@ -78,18 +79,30 @@ class Host(nn.Module):
         return [self._modules[n] for n in names if n in self._modules and n not in self.merged]
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not self._has_inputs:
+        if not self._has_inputs or not args:
             return None
+        plan = select_plan()
+        if plan is not None:
+            chosen = [self._modules.get(n) for n in plan.names]
+            return (select_inputs(chosen, plan.slots_for(args[0]), args[0]), *args[1:]), kwargs
         adapters = [a for a in self.running() if a.site is Site.INPUT]
-        if not adapters or not args:
+        if not adapters:
             return None
         return (apply_inputs(adapters, args[0]), *args[1:]), kwargs
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = args[0] if args else next(iter(kwargs.values()))
+        plan = select_plan()
+        if plan is not None:
+            chosen = [self._modules.get(n) for n in plan.names]
+            if not any(chosen):
+                return None
+            if isinstance(output, tuple):
+                return (apply_select(chosen, plan.slots_for(x), x, output[0], self.select_cache), *output[1:])
+            return apply_select(chosen, plan.slots_for(x), x, output, self.select_cache)
         adapters = self.running()
         if not adapters:
             return None
-        x = args[0] if args else next(iter(kwargs.values()))
         if isinstance(output, tuple):  # modules such as attention blocks return (hidden, extras...)
             return (apply_outputs(adapters, x, output[0], inplace=False), *output[1:])
         return apply_outputs(adapters, x, output, inplace=self._inplace)

@@ -11,6 +11,7 @@ Embedding, as in the reference code, A is zero and B Gaussian.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from adapterkit.core.precision import as_compute, master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
+from adapterkit.ops.gathered import gathered_lora, stack_factors
 
 SCALINGS = ("lora", "rslora")
 INITS = ("kaiming", "gaussian")
@@ -113,6 +115,21 @@ class LoRALinear(_LowRank):
 
     def delta_weight(self) -> Tensor:
         return (self.lora_b @ self.lora_a) * self.scale  # (out, in)
+
+    @staticmethod
+    def batched_delta(adapters: Sequence[LoRALinear | None], x: Tensor, slots: Tensor, cache: dict) -> Tensor:
+        """Row b gets adapters[slots[b]]'s delta (no adapter: zero), in one gathered computation (ops/gathered).
+
+        The stacked factors (scale folded into B, ranks zero-padded) are cached on the host and rebuilt only when
+        a weight changes (its version counter moves) or the activation dtype/device does.
+        """
+        key = (tuple(id(a) for a in adapters), x.dtype, x.device,
+               tuple((a.lora_a._version, a.lora_b._version) for a in adapters if a is not None))
+        if cache.get("key") != key:
+            factors = [None if a is None else (a.lora_a, a.lora_b * a.scale) for a in adapters]
+            cache["key"], cache["stacks"] = key, stack_factors(factors, x)
+        a_stack, b_stack = cache["stacks"]
+        return gathered_lora(x, a_stack, b_stack, slots)
 
 
 class LoRAConv2d(_LowRank):

@@ -1,0 +1,1 @@
+"""Ground floor: pure tensor functions with no module state."""
