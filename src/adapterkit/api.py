@@ -10,7 +10,7 @@ from torch import nn
 from adapterkit.core.blocks import Select
 from adapterkit.core.context import SelectPlan, override_active, select_rows
 from adapterkit.core.errors import AdapterKitError
-from adapterkit.inject.engine import adapter_names, placements, set_active
+from adapterkit.inject.engine import adapter_names, hosts, placements, set_active
 
 
 def activate(model: nn.Module, *names: str) -> None:
@@ -26,11 +26,16 @@ def use(model: nn.Module, *setup: str | Select) -> Iterator[None]:
     one batch; its segment table is built here, once, and read by every layer.
     """
     if len(setup) == 1 and isinstance(setup[0], Select):
-        selected = setup[0]
-        for name in dict.fromkeys(n for n in selected.names if n is not None):
-            if any(name in host.merged for _, _, host in placements(model, name)):
+        plan = SelectPlan(setup[0].names)
+        held = hosts(model)  # one walk of the module tree, whatever the number of adapters
+        attached = {name for _, _, host in held for name in host.names()}
+        merged = {name for _, _, host in held for name in host.merged}
+        for name in plan.names:
+            if name not in attached:
+                placements(model, name)  # raises the usual "no adapter named ..." error
+            if name in merged:
                 raise AdapterKitError(f"Select: adapter {name!r} is merged into the base weights; unmerge it first")
-        with override_active(()), select_rows(SelectPlan(selected.names)):
+        with override_active(()), select_rows(plan):
             yield
         return
     for item in setup:
