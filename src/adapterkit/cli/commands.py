@@ -202,3 +202,24 @@ def cmd_methods(args: argparse.Namespace) -> int:
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:<8} {doc}\n         {fields}")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from adapterkit.interop.peft_format import export_peft
+
+    record, model, _ = _load_run(args.run)
+    head = tuple(record["config"].get("head", []))
+    export_peft(model, "adapter", args.out, modules=head, base_model_name_or_path=record["model"])
+    print(f"peft-format adapter written to {args.out}")
+    return 0
+
+
+def cmd_import_(args: argparse.Namespace) -> int:
+    from adapterkit.interop.peft_format import import_peft
+
+    model, _ = load_classifier(args.model or default_model_dir(), args.num_labels)
+    import_peft(model, args.peft_dir, name="adapter")
+    config = json.loads(Path(args.peft_dir, "adapter_config.json").read_text())
+    ak.save(model, args.out, "adapter", modules=tuple(config.get("modules_to_save") or ()))
+    print(f"adapterkit adapter written to {args.out}")
+    return 0

@@ -20,6 +20,7 @@ EPILOG = """examples:
   adapterkit eval runs/sst2-lora                     # dev accuracy of a trained run
   adapterkit inspect runs/sst2-lora/adapter          # what an adapter targets, its sizes and spec
   adapterkit merge runs/sst2-lora --out merged/      # a plain transformers model directory
+  adapterkit export runs/sst2-lora --out peft/       # peft's format (peft, vLLM, LoRAX load it)
   adapterkit explain --method lora --targets query,value"""
 
 
@@ -71,6 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("run", help="run folder written by `adapterkit train`")
     merge.add_argument("--out", required=True, help="folder for the merged model")
 
+    export = sub.add_parser("export", help="write a run's adapter in another library's format",
+                            description="Write a LoRA/DoRA run in peft's format (adapter_config.json + "
+                                        "adapter_model.safetensors), which peft, vLLM and LoRAX load.")
+    export.add_argument("run", help="run folder written by `adapterkit train`")
+    export.add_argument("--format", choices=["peft"], default="peft")
+    export.add_argument("--out", required=True, help="folder for the exported adapter")
+
+    imp = sub.add_parser("import", help="read a peft LoRA checkpoint into an adapterkit adapter",
+                         description="Attach a peft LoRA/DoRA checkpoint to a base model and save it as an "
+                                     "adapterkit adapter folder (with the base model's fingerprint).")
+    imp.add_argument("peft_dir", help="folder with adapter_config.json and adapter_model.safetensors")
+    _model_args(imp)
+    imp.add_argument("--num-labels", type=int, default=2, help="classes of the classification head (default 2)")
+    imp.add_argument("--out", required=True, help="folder for the adapterkit adapter")
+
     explain = sub.add_parser("explain", help="dry run: which modules a method and targets would touch",
                              description="List the modules an attach would adapt, with parameter counts.")
     _model_args(explain)
@@ -115,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from adapterkit.cli import commands
 
     try:
-        return getattr(commands, f"cmd_{args.command}")(args)
+        return getattr(commands, f"cmd_{args.command.replace('import', 'import_')}")(args)
     except AdapterKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
