@@ -54,7 +54,7 @@ def layer_info(module: nn.Module) -> LayerInfo:
 
 
 def is_norm(module: nn.Module) -> bool:
-    """True for normalisation layers (a post-norm target re-enters the norm, see the bottleneck method)."""
+    """True for normalisation layers (a sequential adapter on a post-norm re-enters the norm)."""
     return layer_info(module).kind == "norm"
 
 

@@ -2,14 +2,16 @@
 
 An adapter is an ``nn.Module`` with a ``site`` and ``forward(x, base_out)``:
 
-* ``Site.PARALLEL`` -- returns a delta added to the base module's output (LoRA, parallel bottleneck, BitFit).
-* ``Site.OUTPUT``   -- returns the new output, computed from the base output (sequential bottleneck, (IA)^3 on
-  outputs).
-* ``Site.INPUT``    -- returns the new input the base module sees ((IA)^3 on FFN inputs).
+* ``Site.PARALLEL`` -- returns a delta added to the base module's output (low-rank updates, parallel adapters,
+  bias offsets).
+* ``Site.OUTPUT``   -- returns the new output, computed from the base output (sequential adapters, output
+  scaling, weight re-normalisation).
+* ``Site.INPUT``    -- returns the new input the base module sees (input scaling).
 
 Mergeable adapters also implement ``merge(weight, bias)`` and ``unmerge(weight, bias)``: pure functions from the
 base layer's (weight, bias) in (out, in, ...) layout to the merged ones and back. DESIGN.md sketched a single
-``delta_weight()``; that cannot express DoRA (W' = m * V / ||V||) or (IA)^3 (scales the bias too) exactly,
+``delta_weight()``; that cannot express a re-normalised weight (W' = m * V / ||V||) or a scaling that also
+scales the bias exactly,
 so the contract is the pair of maps, and ``delta_weight()`` stays an optional extra for low-rank methods.
 """
 

@@ -1,4 +1,4 @@
-"""Method registry: ``@register("lora")`` on a spec class; no enum to edit when adding a method."""
+"""Method registry: ``@register("<name>")`` on a spec class; no enum to edit when adding a method."""
 
 from __future__ import annotations
 
