@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from tests.conftest import make_tiny, randomize, tokens
 
 import adapterkit as ak
-from tests.conftest import make_tiny, randomize, tokens
 
 
 def test_compiled_model_matches_eager_and_trains() -> None:
