@@ -20,3 +20,21 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def attach_sst2_lora(model, library: str):
+    """LoRA r=8 alpha=16 on query/value plus a trainable classifier head, through peft or adapterkit.
+
+    Returns the model to call (peft wraps it; adapterkit adapts it in place).
+    """
+    if library == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+                            modules_to_save=["classifier"])
+        return get_peft_model(model, config)
+    import adapterkit as ak
+
+    ak.attach(model, "sst2", ak.LoRA(r=8, alpha=16), targets=["query", "value"])
+    ak.train_only(model, "sst2", also=["classifier"])
+    return model

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import minilm_dir  # noqa: E402
+from _common import attach_sst2_lora, minilm_dir  # noqa: E402
 
 
 def paired_init(model, seed: int) -> None:
@@ -41,7 +41,6 @@ def paired_init(model, seed: int) -> None:
 def one_run(library: str, seed: int, max_steps: int | None, paired: bool = False) -> dict:
     import torch
 
-    import adapterkit as ak
     from adapterkit.cli.commands import load_classifier
     from adapterkit.train.data import read_table, shipped_sst2
     from adapterkit.train.loop import TrainConfig, run_training, seed_everything
@@ -52,15 +51,7 @@ def one_run(library: str, seed: int, max_steps: int | None, paired: bool = False
     dev, _ = read_table(dev_path, "sentence", "label", label_names=labels)
     seed_everything(seed)
     model, tokenizer = load_classifier(minilm_dir(), 2)
-    if library == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
-                            modules_to_save=["classifier"])
-        model = get_peft_model(model, config)
-    else:
-        ak.attach(model, "sst2", ak.LoRA(r=8, alpha=16), targets=["query", "value"])
-        ak.train_only(model, "sst2", also=["classifier"])
+    model = attach_sst2_lora(model, library)
     if paired:
         paired_init(model, seed)
         torch.manual_seed(seed)  # the same dropout masks from here on

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import minilm_dir, peak_rss_mb  # noqa: E402
+from _common import attach_sst2_lora, minilm_dir, peak_rss_mb  # noqa: E402
 
 LIBRARIES = ("adapterkit", "peft")
 BATCH, SEQ_LEN, WARMUP = 32, 64, 3
@@ -57,17 +57,7 @@ def build(library: str):
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
-    if library == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
-                            modules_to_save=["classifier"])
-        model = get_peft_model(model, config)
-    else:
-        import adapterkit as ak
-
-        ak.attach(model, "bench", ak.LoRA(r=8, alpha=16), targets=["query", "value"])
-        ak.train_only(model, "bench", also=["classifier"])
+    model = attach_sst2_lora(model, library)
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad]
 
