@@ -156,3 +156,12 @@ def test_low_precision_models(dtype) -> None:
     model.train()
     model(input_ids=tokens()).logits.float().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_explain_leaves_the_random_stream_alone() -> None:
+    model = make_tiny("bert")
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    ak.explain(model, ["query"], ak.LoRA(r=2))
+    assert torch.equal(torch.rand(3), expected)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from adapterkit.core.errors import TargetError
@@ -105,7 +106,8 @@ def explain(model: nn.Module, targets: Targets, spec: AdapterSpec | None = None)
         count = 0
         if spec is not None:
             spec.check_target(module, path)
-            count = sum(p.numel() for p in spec.build(module).parameters())
+            with torch.random.fork_rng(devices=[]):  # a dry run must not move the seeded random stream
+                count = sum(p.numel() for p in spec.build(module).parameters())
         rows.append(PlanRow(path, type(module).__name__, count))
     total = sum(p.numel() for n, p in model.named_parameters() if f".{HOST_ATTR}." not in f".{n}")
     return Plan(tuple(rows), total)
