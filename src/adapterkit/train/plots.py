@@ -32,7 +32,8 @@ def training_curve(history: dict[str, list], path: Path, title: str) -> None:
         for x, y in zip(xs, history["dev_accuracy"]):
             ax2.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     ax.set_title(title)
-    handles, labels = [], []
+    handles: list = []
+    labels: list[str] = []
     for axis in fig.axes:  # one legend for both axes, where the curves usually are not
         h, lab = axis.get_legend_handles_labels()
         handles, labels = handles + h, labels + lab
