@@ -92,20 +92,20 @@ class Host(nn.Module):
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = args[0] if args else next(iter(kwargs.values()))
+        # modules such as attention blocks return (hidden, extras...): adapters act on the first element
+        hidden = output[0] if isinstance(output, tuple) else output
         plan = select_plan()
         if plan is not None:
             chosen = [self._modules.get(n) for n in plan.names]
             if not any(chosen):
                 return None
-            if isinstance(output, tuple):
-                return (apply_select(chosen, plan.slots_for(x), x, output[0], self.select_cache), *output[1:])
-            return apply_select(chosen, plan.slots_for(x), x, output, self.select_cache)
-        adapters = self.running()
-        if not adapters:
-            return None
-        if isinstance(output, tuple):  # modules such as attention blocks return (hidden, extras...)
-            return (apply_outputs(adapters, x, output[0], inplace=False), *output[1:])
-        return apply_outputs(adapters, x, output, inplace=self._inplace)
+            new = apply_select(chosen, plan.slots_for(x), x, hidden, self.select_cache)
+        else:
+            adapters = self.running()
+            if not adapters:
+                return None
+            new = apply_outputs(adapters, x, hidden, inplace=self._inplace and hidden is output)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
 def host_of(module: nn.Module) -> Host | None:
