@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 
-def _is_conv1d_gpt2(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a Linear with a transposed (in, out) weight."""
     # transformers' Conv1D is a Linear with a transposed (in, out) weight; matched by type name to avoid
     # importing transformers in the core.
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -39,7 +40,7 @@ def layer_info(module: nn.Module) -> LayerInfo:
     """Describe ``module``; anything unknown is kind "module" with sizes 0."""
     if isinstance(module, nn.Linear):
         return LayerInfo("linear", module.in_features, module.out_features)
-    if _is_conv1d_gpt2(module):
+    if is_conv1d(module):
         shape = tensor(module, "weight").shape
         return LayerInfo("linear", int(shape[0]), int(shape[1]))
     if isinstance(module, nn.Conv2d):
@@ -61,7 +62,7 @@ def is_norm(module: nn.Module) -> bool:
 def read_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """(weight, bias) of a base layer in the canonical (out, in, ...) layout, as detached copies."""
     weight = tensor(module, "weight").detach()
-    if _is_conv1d_gpt2(module):
+    if is_conv1d(module):
         weight = weight.t()
     bias = getattr(module, "bias", None)
     return weight.clone(), (bias.detach().clone() if isinstance(bias, Tensor) else None)
@@ -70,7 +71,7 @@ def read_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
 @torch.no_grad()
 def write_weight(module: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
     """Copy canonical-layout (weight, bias) back into the base layer's own parameters."""
-    if _is_conv1d_gpt2(module):
+    if is_conv1d(module):
         weight = weight.t()
     tensor(module, "weight").copy_(weight)
     if bias is not None:
@@ -85,7 +86,7 @@ def supports_inplace_delta(module: nn.Module) -> bool:
 def weight_view(module: nn.Module) -> Tensor:
     """The live weight in canonical (out, in, ...) layout (a view for Conv1D; gradients flow)."""
     weight = tensor(module, "weight")
-    return weight.t() if _is_conv1d_gpt2(module) else weight
+    return weight.t() if is_conv1d(module) else weight
 
 
 def io_sizes(module: nn.Module) -> tuple[int, int]:

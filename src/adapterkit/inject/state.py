@@ -48,6 +48,21 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def module_tensors(model: nn.Module, suffixes: tuple[str, ...],
+                   prefix: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Paths of the modules whose names end with ``suffixes`` and their own tensors (no adapters), keyed
+    ``<prefix><path>.<param>``: what is saved beside an adapter, e.g. a classification head."""
+    paths: list[str] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for suffix in suffixes:
+        for mpath, module in select(model, [suffix]):
+            paths.append(mpath)
+            for pname, tensor in module.state_dict().items():
+                if HOST_ATTR not in pname.split("."):
+                    tensors[f"{prefix}{mpath}.{pname}"] = tensor.detach().to("cpu").contiguous()
+    return paths, tensors
+
+
 def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, modules: tuple[str, ...] = ()) -> Path:
     """Save adapter ``name`` (the only one, if omitted) and the named extra ``modules`` (e.g. a head)."""
     name = _resolve_name(model, name)
@@ -63,13 +78,8 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, mod
         fingerprint[mpath] = host.fingerprint
         for pname, tensor in adapter.state_dict().items():
             tensors[f"adapter.{mpath}.{pname}"] = tensor.detach().to("cpu").contiguous()
-    extra = []
-    for suffix in modules:
-        for mpath, module in select(model, [suffix]):
-            extra.append(mpath)
-            for pname, tensor in module.state_dict().items():
-                if HOST_ATTR not in pname.split("."):
-                    tensors[f"module.{mpath}.{pname}"] = tensor.detach().to("cpu").contiguous()
+    extra, head_tensors = module_tensors(model, modules, "module.")
+    tensors.update(head_tensors)
     blob = save_bytes(tensors)
     digest = hashlib.sha256(blob).hexdigest()
     weights_name = f"adapter-{digest[:12]}.safetensors"

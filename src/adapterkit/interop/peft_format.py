@@ -19,9 +19,9 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from adapterkit.core.errors import StateError
-from adapterkit.core.layers import layer_info
+from adapterkit.core.layers import is_conv1d, layer_info
 from adapterkit.inject.engine import attach, placements
-from adapterkit.inject.state import atomic_write
+from adapterkit.inject.state import atomic_write, module_tensors
 from adapterkit.methods.dora import DoRA
 from adapterkit.methods.lora import LoRA
 
@@ -34,7 +34,8 @@ def export_peft(model: nn.Module, name: str, out: str | Path, modules: tuple[str
     folder = Path(out)
     spec = None
     tensors: dict[str, torch.Tensor] = {}
-    for path, module, host in placements(model, name):
+    where = placements(model, name)
+    for path, module, host in where:
         adapter = host.adapter(name)
         spec = adapter.spec
         if not isinstance(spec, LoRA):
@@ -47,22 +48,13 @@ def export_peft(model: nn.Module, name: str, out: str | Path, modules: tuple[str
         if isinstance(spec, DoRA):
             tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = adapter.magnitude.detach().cpu().contiguous()
     assert spec is not None
-    named = dict(model.named_modules())
-    saved_modules = []
-    for suffix in modules:
-        for path, module in named.items():
-            if path == suffix or path.endswith("." + suffix):
-                saved_modules.append(suffix)
-                for pname, value in module.state_dict().items():
-                    if "adapterkit" not in pname.split("."):
-                        tensors[f"{PREFIX}{path}.{pname}"] = value.detach().cpu().contiguous()
-    targets = [p for p, _, _ in placements(model, name)]
-    is_conv1d = any(type(m).__name__ == "Conv1D" for p, m, _ in placements(model, name))
+    tensors.update(module_tensors(model, modules, PREFIX)[1])
     config = {
         "peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "use_rslora": spec.scaling == "rslora", "use_dora": isinstance(spec, DoRA), "bias": "none",
-        "target_modules": targets, "modules_to_save": sorted(set(saved_modules)) or None,
-        "fan_in_fan_out": is_conv1d, "init_lora_weights": True, "inference_mode": True, "task_type": None,
+        "target_modules": [path for path, _, _ in where], "modules_to_save": sorted(set(modules)) or None,
+        "fan_in_fan_out": any(is_conv1d(module) for _, module, _ in where),
+        "init_lora_weights": True, "inference_mode": True, "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
     }
     atomic_write(folder / "adapter_model.safetensors", save_bytes(tensors, metadata={"format": "pt"}))
