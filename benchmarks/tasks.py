@@ -101,7 +101,7 @@ def subset(table: TextTable, rows: int | None, seed: int) -> TextTable:
 class Protocol:
     """One setting shared by every method in a table, so rows compare."""
 
-    train_rows: int | None = 3000
+    train_rows: int | None = 2000
     epochs: int = 2
     batch_size: int = 32
     max_length: int = 64
