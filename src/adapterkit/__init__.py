@@ -6,9 +6,22 @@
     ak.save(model, "runs/sst2", modules=("classifier",))
 """
 
+from adapterkit import compose as _compose  # noqa: F401  (registers every combiner)
 from adapterkit import methods as _methods  # noqa: F401  (registers every method)
 from adapterkit.api import activate, adapters, use
-from adapterkit.core.blocks import Select
+from adapterkit.core.blocks import (
+    Average,
+    Fuse,
+    Gate,
+    Parallel,
+    Route,
+    Scale,
+    Select,
+    Stack,
+    TaskRoute,
+    block_from_dict,
+)
+from adapterkit.core.context import Routing
 from adapterkit.core.errors import (
     AdapterKitError,
     NameInUseError,
@@ -17,7 +30,7 @@ from adapterkit.core.errors import (
     TargetError,
     UnknownMethodError,
 )
-from adapterkit.core.registry import methods, spec_class, spec_from_dict
+from adapterkit.core.registry import combiners, methods, spec_class, spec_from_dict
 from adapterkit.inject.engine import attach, detach, train_only
 from adapterkit.inject.select import explain
 from adapterkit.inject.state import load, read, save
@@ -31,8 +44,9 @@ from adapterkit.methods.lora import LoRA
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterKitError", "BitFit", "DoRA", "IA3", "LoRA", "NameInUseError", "ParBottleneck", "SeqBottleneck",
-    "Select", "SpecError", "StateError", "TargetError", "UnknownMethodError", "activate", "adapters", "attach",
-    "detach", "explain", "is_merged", "load", "merge", "methods", "read", "save", "spec_class", "spec_from_dict",
-    "train_only", "unmerge", "use",
+    "AdapterKitError", "Average", "BitFit", "DoRA", "Fuse", "Gate", "IA3", "LoRA", "NameInUseError", "ParBottleneck",
+    "Parallel", "Route", "Routing", "Scale", "SeqBottleneck", "Select", "SpecError", "Stack", "StateError",
+    "TargetError", "TaskRoute", "UnknownMethodError", "activate", "adapters", "attach", "block_from_dict",
+    "combiners", "detach", "explain", "is_merged", "load", "merge", "methods", "read", "save", "spec_class",
+    "spec_from_dict", "train_only", "unmerge", "use",
 ]

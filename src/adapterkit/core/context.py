@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 
@@ -72,3 +73,81 @@ def select_rows(plan: SelectPlan) -> Iterator[None]:
         yield
     finally:
         _SELECT.reset(token)
+
+
+class Routing:
+    """What the learned blocks of one ``use`` block reported: routing weights and auxiliary losses.
+
+    ``use`` yields it; every forward inside the block overwrites the weights of the hosts it ran and appends its
+    losses, so read it (or call ``aux_loss``) after the forward you care about and ``clear`` between steps.
+    """
+
+    def __init__(self) -> None:
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}  # combiner name -> host path -> weights
+        self.losses: dict[str, list[torch.Tensor]] = {}  # loss name -> one value per host and forward
+
+    def record(self, combiner: str, path: str, weights: torch.Tensor) -> None:
+        """Keep the weights a combiner used at ``path`` in this forward."""
+        self.weights.setdefault(combiner, {})[path] = weights
+
+    def add_loss(self, name: str, value: torch.Tensor) -> None:
+        """Add an auxiliary loss term (e.g. load balancing) of this forward."""
+        self.losses.setdefault(name, []).append(value)
+
+    def aux_loss(self) -> torch.Tensor:
+        """The sum of every auxiliary loss term recorded so far (0 when there is none)."""
+        terms = [value for values in self.losses.values() for value in values]
+        return torch.stack([t.float().sum() for t in terms]).sum() if terms else torch.zeros(())
+
+    def clear(self) -> None:
+        """Forget what earlier forwards recorded."""
+        self.weights.clear()
+        self.losses.clear()
+
+
+class BlockPlan:
+    """One ``use(model, block, task_ids=...)``: the block, per-row task ids, and where results are reported.
+
+    ``state`` is scratch space for combiners that work across layers within one forward (e.g. a router that
+    scores every layer from one pass); it lives exactly as long as the ``use`` block.
+    """
+
+    def __init__(self, block: Any, task_ids: torch.Tensor | None, routing: Routing) -> None:
+        self.block = block
+        self.names = frozenset(block.leaves()) | {name for _, name in block.combiners()}
+        self.task_ids = task_ids
+        self.routing = routing
+        self.state: dict[str, Any] = {}
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def task_ids_for(self, x: torch.Tensor) -> torch.Tensor:
+        """Task id per row of ``x`` (beams repeat their example's id); a clear error when none were given."""
+        if self.task_ids is None:
+            raise ValueError("this block routes by task: pass task_ids= to use(...)")
+        ids = self._on.get(x.device)
+        if ids is None:
+            ids = self._on[x.device] = self.task_ids.to(x.device)
+        rows = x.shape[0]
+        if rows != len(ids):
+            if rows % len(ids):
+                raise ValueError(f"use(...) got {len(ids)} task ids but the batch has {rows} rows")
+            ids = ids.repeat_interleave(rows // len(ids))
+        return ids
+
+
+_BLOCK: ContextVar[BlockPlan | None] = ContextVar("adapterkit_block", default=None)
+
+
+def block_plan() -> BlockPlan | None:
+    """The plan of the innermost ``use(model, block)``, or None."""
+    return _BLOCK.get()
+
+
+@contextlib.contextmanager
+def run_block_plan(plan: BlockPlan) -> Iterator[None]:
+    """Run ``plan.block`` on every host inside the block."""
+    token = _BLOCK.set(plan)
+    try:
+        yield
+    finally:
+        _BLOCK.reset(token)

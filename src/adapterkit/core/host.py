@@ -12,7 +12,8 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from adapterkit.core.context import active_override, select_plan
+from adapterkit.core.context import active_override, block_plan, select_plan
+from adapterkit.core.interpret import block_inputs, run_block
 from adapterkit.core.layers import supports_inplace_delta
 from adapterkit.core.protocol import Site
 from adapterkit.core.run import apply_inputs, apply_outputs, apply_select, select_inputs
@@ -23,8 +24,9 @@ HOST_ATTR = "adapterkit"
 class Host(nn.Module):
     """Named adapters of one base module, their activation and merge state, and the base fingerprint."""
 
-    def __init__(self, base: nn.Module, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, base: nn.Module, fingerprint: dict[str, Any], path: str = "") -> None:
         super().__init__()
+        self.path = path  # the base module's path in the model: names routing reports and errors
         self.active: list[str] = []
         self.merged: list[str] = []
         self.fingerprint = fingerprint
@@ -51,7 +53,9 @@ class Host(nn.Module):
         # Written into _modules directly: add_module refuses names that shadow attributes ("train", "add"),
         # and adapter names are the user's. They are only ever read back through _modules.
         self._modules[name] = adapter
-        self.active.append(name)
+        spec: Any = adapter.spec
+        if not spec.role:  # a combiner never runs on its own, only through its block
+            self.active.append(name)
         self._has_inputs = any(getattr(a, "site", None) is Site.INPUT for a in self._modules.values())
 
     def remove(self, name: str) -> None:
@@ -81,6 +85,9 @@ class Host(nn.Module):
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self._has_inputs or not args:
             return None
+        blocks = block_plan()
+        if blocks is not None:
+            return (block_inputs(blocks.block, self, args[0]), *args[1:]), kwargs
         plan = select_plan()
         if plan is not None:
             chosen = [self._modules.get(n) for n in plan.names]
@@ -94,6 +101,12 @@ class Host(nn.Module):
         x = args[0] if args else next(iter(kwargs.values()))
         # modules such as attention blocks return (hidden, extras...): adapters act on the first element
         hidden = output[0] if isinstance(output, tuple) else output
+        blocks = block_plan()
+        if blocks is not None:
+            if blocks.names.isdisjoint(self._modules):
+                return None
+            new = run_block(blocks.block, self, x, hidden, blocks)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
         plan = select_plan()
         if plan is not None:
             chosen = [self._modules.get(n) for n in plan.names]

@@ -18,7 +18,8 @@ so the contract is the pair of maps, and ``delta_weight()`` stays an optional ex
 from __future__ import annotations
 
 import enum
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -52,4 +53,21 @@ class Mergeable(Protocol):
 
     def unmerge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Merged (weight, bias) -> base (weight, bias)."""
+        ...
+
+
+@runtime_checkable
+class Combiner(Protocol):
+    """The learned part of a block (Fuse, Scale, Gate, Route, TaskRoute), attached like an adapter.
+
+    Its spec's ``role`` names the block kind it serves. ``combine`` gets the base module's input and output, one
+    ``Branch`` per child of the block (call ``branch(x, out)`` for that child's output, ``branch.change(x, out)``
+    for its change, read ``branch.adapter`` for its parameters) and the ``Call`` (task ids, reporting of weights
+    and auxiliary losses, per-call scratch state). It returns the new output. Optional: ``branches`` (the number
+    of children it was built for, checked when the block is used) and ``session(model, plan)``, a context manager
+    entered once per ``use`` block for model-level work such as a scoring pass.
+    """
+
+    def combine(self, x: Tensor, out: Tensor, branches: Sequence[Any], call: Any) -> Tensor:
+        """The output of this module with the block's children combined."""
         ...

@@ -35,8 +35,13 @@ def spec_class(name: str) -> type[AdapterSpec]:
 
 
 def methods() -> list[str]:
-    """Names of every registered method, sorted."""
-    return sorted(_SPECS)
+    """Names of every registered adapter method, sorted (combiners are listed by ``combiners``)."""
+    return sorted(name for name, cls in _SPECS.items() if not cls.role)
+
+
+def combiners() -> list[str]:
+    """Names of every registered combiner (the learned parts of Fuse, Scale, Gate, Route, TaskRoute), sorted."""
+    return sorted(name for name, cls in _SPECS.items() if cls.role)
 
 
 def spec_from_dict(data: dict[str, Any], where: str = "spec") -> AdapterSpec:

@@ -21,6 +21,8 @@ class AdapterSpec:
     """Base of every method spec. Subclasses are frozen dataclasses registered with ``@register``."""
 
     method: ClassVar[str] = ""
+    # "" for an adapter method; for a combiner (the learned part of a block) the block kind it serves, e.g. "fuse"
+    role: ClassVar[str] = ""
 
     def build(self, base: nn.Module) -> nn.Module:
         """Create the adapter module for one base module (implemented by each method)."""

@@ -61,10 +61,10 @@ def attach(model: nn.Module, name: str, spec: AdapterSpec, targets: Targets) -> 
     for path, module in chosen:  # validate everything before changing anything
         spec.check_target(module, path)
     built = [(path, module, spec.build(module)) for path, module in chosen]
-    for _, module, adapter in built:
+    for path, module, adapter in built:
         host = host_of(module)
         if host is None:
-            host = Host(module, module_fingerprint(module))
+            host = Host(module, module_fingerprint(module), path)
             module.add_module(HOST_ATTR, host)
         host.add(name, adapter)
     return [path for path, _, _ in built]
@@ -97,6 +97,11 @@ def set_active(model: nn.Module, names: Sequence[str]) -> None:
     for each in names:
         if each not in known:
             raise NameInUseError(f"no adapter named {each!r} on this model (attached: {known or 'none'})")
+    for _, _, host in hosts(model):
+        for each in names:
+            if each in host.names() and host.adapter(each).spec.role:
+                raise NameInUseError(f"{each!r} is a {host.adapter(each).spec.role!r} combiner: run it through its "
+                                     "block, e.g. ak.use(model, ak.Fuse('a', 'b', name=...))")
     for _, _, host in hosts(model):
         host.active = [n for n in names if n in host.names()]
 
