@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from adapterkit.api import use
 from adapterkit.core.errors import AdapterKitError
+from adapterkit.inject.use import use
 from adapterkit.train.data import TextTable
 from adapterkit.train.loop import Encoded, TrainConfig, encode
 
