@@ -122,7 +122,8 @@ MODES = ("ddp", "fsdp")
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a model: the items of its largest ModuleList (encoder.layer, model.layers, h)."""
     lists: list[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    sizes = [len(m._modules) for m in lists]
+    return list(lists[sizes.index(max(sizes))]) if lists else []
 
 
 def _hosts(model: nn.Module) -> list[nn.Module]:
