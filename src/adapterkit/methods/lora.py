@@ -24,7 +24,8 @@ from adapterkit.core.precision import as_compute, master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
-from adapterkit.ops.gathered import gathered_lora, stack_factors
+from adapterkit.ops.gathered import stack_factors
+from adapterkit.ops.multi_lora import multi_lora
 
 SCALINGS = ("lora", "rslora")
 INITS = ("kaiming", "gaussian")
@@ -117,19 +118,25 @@ class LoRALinear(_LowRank):
         return (self.lora_b @ self.lora_a) * self.scale  # (out, in)
 
     @staticmethod
-    def batched_delta(adapters: Sequence[LoRALinear | None], x: Tensor, slots: Tensor, cache: dict) -> Tensor:
-        """Row b gets adapters[slots[b]]'s delta (no adapter: zero), in one gathered computation (ops/gathered).
+    def batched_delta(adapters: Sequence[LoRALinear | None], x: Tensor, slots: Tensor, cache: dict,
+                      into: Tensor | None = None) -> Tensor:
+        """Row b gets adapters[slots[b]]'s delta (no adapter: zero) in one computation (ops/multi_lora: Triton
+        kernels on GPU, the gathered torch path elsewhere); with ``into``, returns ``into`` plus the delta, added
+        in place.
 
-        The stacked factors (scale folded into B, ranks zero-padded) are cached on the host and rebuilt only when
-        a weight changes (its version counter moves) or the activation dtype/device does.
+        The stacked factors (scale folded into B, ranks zero-padded) and each slot's rank (the last slot, "no
+        adapter", has rank 0) are cached on the host and rebuilt only when a weight changes (its version counter
+        moves) or the activation dtype/device does.
         """
         key = (tuple(id(a) for a in adapters), x.dtype, x.device,
                tuple((a.lora_a._version, a.lora_b._version) for a in adapters if a is not None))
         if cache.get("key") != key:
             factors = [None if a is None else (a.lora_a, a.lora_b * a.scale) for a in adapters]
+            ranks = [0 if a is None else a.lora_a.shape[0] for a in adapters] + [0]
             cache["key"], cache["stacks"] = key, stack_factors(factors, x)
+            cache["ranks"] = torch.tensor(ranks, dtype=torch.int32, device=x.device)  # (slots,)
         a_stack, b_stack = cache["stacks"]
-        return gathered_lora(x, a_stack, b_stack, slots)
+        return multi_lora(x, a_stack, b_stack, slots, cache["ranks"], into)
 
 
 class LoRAConv2d(_LowRank):
