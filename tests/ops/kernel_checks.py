@@ -54,12 +54,13 @@ def _rel(got: Tensor, want: Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm())
 
 
-def _compare(p: dict[str, Any], x: Tensor | None = None, out: Tensor | None = None) -> dict[str, Any]:
+def _compare(p: dict[str, Any], x: Tensor | None = None, out: Tensor | None = None,
+             fused: bool | None = None) -> dict[str, Any]:
     """Kernel result vs float64 and vs the torch gathered path in the same dtype."""
     x = p["x"] if x is None else x
     out = p["out"].clone() if out is None else out
     before = out.clone()
-    got = triton_lora_(out, x, p["a"], p["b"], p["slots"], p["ranks"])
+    got = triton_lora_(out, x, p["a"], p["b"], p["slots"], p["ranks"], fused)
     torch_path = p["out"] + gathered_lora(p["x"], p["a"], p["b"], p["slots"])
     none = p["slots"] == p["ranks"].numel() - 1  # rows of the "no adapter" slot
     return {"vs_float64": _rel(got, _reference(p)), "vs_torch": _rel(got, torch_path),
@@ -68,11 +69,17 @@ def _compare(p: dict[str, Any], x: Tensor | None = None, out: Tensor | None = No
 
 
 def kernel_cases(device: str, dtype: torch.dtype, big: bool) -> dict[str, dict[str, Any]]:
-    """Prefill / decode / one adapter / odd sizes / strided operands; ``big`` adds 1.1B Llama projection shapes."""
+    """Prefill / decode / one adapter / odd sizes / strided operands; ``big`` adds 1.1B Llama projection shapes.
+
+    Rows of at most 16 tokens take the fused kernel, longer ones shrink + expand (split-K when the grid is small).
+    """
     mixed = [8, 3, 16, 5]  # mixed ranks; slot 4 = no adapter
+    decode = _problem(2, 9, 1, (300, 130), mixed, None, dtype, device)
     results = {
         "prefill_mixed": _compare(_problem(1, 5, 40, (70, 50), mixed, [0, 4, 2, 1, 4], dtype, device)),
-        "decode_mixed": _compare(_problem(2, 9, 1, (300, 130), mixed, None, dtype, device)),  # split-K shrink
+        "short_prefill_split_k": _compare(_problem(12, 2, 20, (300, 40), mixed, [2, 4], dtype, device)),
+        "decode_mixed": _compare(decode),
+        "decode_unfused": _compare(decode, fused=False),  # split-K shrink + expand on the same rows
         "one_adapter": _compare(_problem(3, 4, 17, (33, 45), [4], [0, 0, 0, 0], dtype, device)),
         "tiny_rank_odd_sizes": _compare(_problem(4, 3, 5, (7, 3), [1, 2], [1, 2, 0], dtype, device)),
     }

@@ -25,8 +25,8 @@ from adapterkit.ops.gathered import gathered_lora, stack_factors
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 BOUND = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 2e-3}  # relative L2 error of out + delta vs float64
-CASES = ["prefill_mixed", "decode_mixed", "one_adapter", "tiny_rank_odd_sizes", "strided_x_and_out", "out_no_view",
-         "two_dim_rows"]
+CASES = ["prefill_mixed", "short_prefill_split_k", "decode_mixed", "decode_unfused", "one_adapter",
+         "tiny_rank_odd_sizes", "strided_x_and_out", "out_no_view", "two_dim_rows"]
 
 
 @pytest.fixture(scope="module", params=["cpu", "cuda"])
