@@ -8,12 +8,16 @@ share one adapter, so the segment table is just ``slots`` (built once per ``use`
 sort or permutation of the activations is needed. A program owns a tile of tokens of ONE row, loads that row's
 factors straight from the stacks by slot (nothing is gathered into per-example copies: the torch path's
 ``a[slots]`` writes (B, r, in) bytes per layer, which is what made decode slow) and runs tensor-core ``tl.dot``.
-The same kernels serve both shapes by choosing the token tile from the tokens per row: prefill (512 tokens a row)
-uses 64-token tiles; decode (1 token a row) uses the smallest ``tl.dot`` tile (16), whose padding rows are
-masked loads that cost no memory traffic, so a decode step is the BGMV access pattern (each row streams its own
-A and B once). BGMV proper (one program per token, reduction without ``tl.dot``) would add a second code path for
-no gain on these shapes. Decode has too few row tiles to fill an H100, so the shrink splits its reduction over
-``in`` across programs (split-K, fp32 atomics into h) when the grid is small.
+The token tile follows the tokens per row: prefill (512 tokens a row) uses 64-token tiles; decode (1 token a row)
+uses the smallest ``tl.dot`` tile (16), whose padding rows are masked loads that cost no memory traffic, so a
+decode step has the BGMV access pattern (each row streams its own A and B). BGMV proper (one program per token,
+reduction without ``tl.dot``) would be a second code path for no gain on these shapes.
+
+Two launch plans. Prefill: shrink then expand (h is (B, T, r) fp32, tiny); when the shrink grid is under about
+two waves of an H100 it splits its reduction over ``in`` (split-K, fp32 atomics into a zeroed h). Decode (rows of
+at most 16 tokens): ONE fused kernel per layer, grid (rows, out tiles), in which each program recomputes its
+row's h (r x in, from L2 after the first out tile) before expanding; a decode step is bound by launches, not
+bytes, and this saves a launch and the h buffer.
 
 Ranks: the stacks are zero-padded to r_max, and ``ranks[slot]`` masks the loads of a slot's factors to its own
 rank (masked lanes fetch nothing, so a rank-4 adapter beside a rank-64 one reads rank-4 bytes). The "no adapter"
@@ -22,8 +26,9 @@ slot has rank 0: its programs return at once, so those rows cost one scalar load
 Precision: fp32 accumulation always; h is kept in fp32 and cast to the activation dtype for the expand's tensor-core
 dot (bf16/fp16), as the torch path rounds it; fp32 inputs use IEEE fp32 dots (no TF32) so they match to 1e-5.
 
-Tiles (H100, r <= 128): shrink 64 x r x 128 (tokens x rank x in), expand 64 x 128 x r (tokens x out x rank),
-4 warps, no autotuning (the interpreter must stay fast, and these shapes are bandwidth-bound).
+Tiles (H100, r <= 128; BLOCK_R = r_max rounded up to a power of two, at least 16): shrink 64 x r x 128 (tokens x
+rank x in), expand 64 x 128 x r (tokens x out x rank), fused decode 16 x 256 out features (k-steps of 128), 4
+warps, no autotuning (the interpreter must stay fast, and these shapes are bandwidth- or launch-bound).
 Import this module only where triton is installed; ``adapterkit.ops.multi_lora`` picks the path.
 """
 
