@@ -189,7 +189,9 @@ def lora_shrink(x: Tensor, a_stack: Tensor, slots: Tensor, ranks: Tensor) -> Ten
     r_max = a_stack.shape[1]
     block_m = _token_tile(tokens)
     tiles = batch * triton.cdiv(tokens, block_m)
-    split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), triton.cdiv(features, BLOCK_K), 16))
+    # powers of two only: SPLIT_K is a compile-time constant, so this bounds the compiled variants at five
+    k_tiles = triton.cdiv(features, BLOCK_K)
+    split = min(triton.next_power_of_2(triton.cdiv(_TARGET_PROGRAMS, tiles)), 16, 1 << (k_tiles.bit_length() - 1))
     # split partial sums meet by atomic adds in a zeroed h; unsplit, every entry the expand reads is stored
     h = (torch.zeros if split > 1 else torch.empty)(batch, tokens, r_max, dtype=torch.float32, device=x.device)
     grid = (batch, triton.cdiv(tokens, block_m), split)
