@@ -114,15 +114,18 @@ def rank_masking(device: str, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def dispatch_interpreted(device: str) -> dict[str, Any]:
-    """ADAPTERKIT_KERNELS=triton takes the kernels (interpreted on a CPU) and matches the torch path."""
+    """ADAPTERKIT_KERNELS=triton takes the kernels (interpreted on a CPU) and matches the torch path; unset (auto),
+    the kernels take CUDA tensors only."""
     p = _problem(11, 3, 4, (20, 12), [4, 2], [1, 2, 0], torch.float32, device)
+    os.environ.pop("ADAPTERKIT_KERNELS", None)
+    auto = kernel_path(p["x"], p["a"])
     os.environ["ADAPTERKIT_KERNELS"] = "triton"
     path = kernel_path(p["x"], p["a"])
     via = multi_lora(p["x"], p["a"], p["b"], p["slots"], p["ranks"])
     os.environ["ADAPTERKIT_KERNELS"] = "torch"
     plain = multi_lora(p["x"], p["a"], p["b"], p["slots"], p["ranks"])
     del os.environ["ADAPTERKIT_KERNELS"]
-    return {"path": path, "vs_torch": _rel(via, plain)}
+    return {"path": path, "auto_path": auto, "vs_torch": _rel(via, plain)}
 
 
 @torch.no_grad()

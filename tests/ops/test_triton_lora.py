@@ -90,8 +90,9 @@ def test_select_through_kernels_equals_rows_alone(checks: dict[str, Any]) -> Non
 
 
 def test_forced_triton_runs_the_kernels(checks: dict[str, Any]) -> None:
-    """ADAPTERKIT_KERNELS=triton: interpreted on CPU tensors when TRITON_INTERPRET=1, native on CUDA."""
+    """ADAPTERKIT_KERNELS=triton: interpreted on a CPU (TRITON_INTERPRET=1), native on CUDA; auto: CUDA only."""
     assert checks["dispatch_triton"]["path"] == "triton"
+    assert checks["dispatch_triton"]["auto_path"] == ("torch" if checks["interpreted"] else "triton")
     assert checks["dispatch_triton"]["vs_torch"] < 1e-5
 
 
@@ -109,8 +110,7 @@ def _operands(requires_grad: bool = False) -> tuple[torch.Tensor, ...]:
 def test_auto_takes_torch_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(dispatch.ENV, raising=False)
     x, a_stack, b_stack, slots = _operands()
-    if HAS_TRITON and not os.environ.get("TRITON_INTERPRET"):
-        assert dispatch.kernel_path(x, a_stack) == "torch"
+    assert dispatch.kernel_path(x, a_stack) == "torch"  # CPU tensors: torch, with or without an interpreter
     out = torch.randn(3, 4, 6)
     expected = out + gathered_lora(x, a_stack, b_stack, slots)
     got = dispatch.multi_lora(x, a_stack, b_stack, slots, into=out)
@@ -153,13 +153,13 @@ def test_gradients_and_unsupported_operands_take_torch(monkeypatch: pytest.Monke
     monkeypatch.setattr(dispatch, "_kernels", lambda: SimpleNamespace(MAX_RANK=128, INTERPRETED=True))
     monkeypatch.delenv(dispatch.ENV, raising=False)
     x, a_stack, _, _ = _operands()
-    assert dispatch.kernel_path(x, a_stack) == "triton"
-    assert dispatch.kernel_path(x.double(), a_stack.double()) == "torch"  # no float64 kernels
-    assert dispatch.kernel_path(x, torch.zeros(3, 129, 10)) == "torch"  # rank above one tile
-    grad_x = _operands(requires_grad=True)[0]
-    assert dispatch.kernel_path(grad_x, a_stack) == "torch"  # the kernels have no backward
-    with torch.no_grad():
-        assert dispatch.kernel_path(grad_x, a_stack) == "triton"
+    assert dispatch.kernel_path(x, a_stack) == "torch"  # auto: CPU tensors never go to the interpreter
     monkeypatch.setenv(dispatch.ENV, "triton")
-    with pytest.raises(ValueError, match="no backward"):
-        dispatch.kernel_path(grad_x, a_stack)
+    assert dispatch.kernel_path(x, a_stack) == "triton"
+    for bad_x, bad_a, why in [(x.double(), a_stack.double(), "dtype torch.float64"),
+                              (x, torch.zeros(3, 129, 10), "rank 129"),
+                              (_operands(requires_grad=True)[0], a_stack, "no backward")]:
+        with pytest.raises(ValueError, match=why):
+            dispatch.kernel_path(bad_x, bad_a)
+    with torch.no_grad():  # no gradient is needed under no_grad
+        assert dispatch.kernel_path(_operands(requires_grad=True)[0], a_stack) == "triton"

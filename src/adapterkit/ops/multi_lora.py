@@ -3,7 +3,8 @@
 ``ADAPTERKIT_KERNELS`` (read at each call) forces a path:
 
 - ``auto`` (default): Triton when the activations are on CUDA in bf16, fp16 or fp32, triton imports, no gradient
-  is needed (the kernels have no backward) and the rank is at most 128; the torch gathered path otherwise.
+  is needed (the kernels have no backward) and the rank is at most 128; the torch gathered path otherwise (CPU
+  tensors always, even under TRITON_INTERPRET=1).
 - ``torch``: always the gathered path (``ops/gathered.py``).
 - ``triton``: always the kernels; a one-line error when they cannot run (triton missing, a gradient needed, or CPU
   tensors while triton was imported without ``TRITON_INTERPRET=1``; with it, they run interpreted on the CPU).
@@ -50,8 +51,9 @@ def kernel_path(x: Tensor, a_stack: Tensor) -> str:
         return "torch"
     if choice not in ("auto", "triton"):
         raise ValueError(f"{ENV}={choice!r}: expected one of auto, torch, triton")
-    kernels = _kernels()
-    problem = _why_not(x, a_stack, kernels)
+    if choice == "auto" and x.device.type != "cuda":  # the interpreter runs only when asked for by name
+        return "torch"
+    problem = _why_not(x, a_stack, _kernels())
     if problem is None:
         return "triton"
     if choice == "triton":
