@@ -163,3 +163,24 @@ def test_gradients_and_unsupported_operands_take_torch(monkeypatch: pytest.Monke
             dispatch.kernel_path(bad_x, bad_a)
     with torch.no_grad():  # no gradient is needed under no_grad
         assert dispatch.kernel_path(_operands(requires_grad=True)[0], a_stack) == "triton"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(bool(os.environ.get("TRITON_INTERPRET")), reason="TRITON_INTERPRET is set: kernels are interpreted")
+@pytest.mark.parametrize("kernel", ["_shrink_kernel", "_expand_kernel", "_fused_kernel"])
+def test_kernels_compile_for_h100_without_a_gpu(kernel: str) -> None:
+    """The interpreter accepts code the compiler rejects: compile each bf16 kernel to H100 (sm_90) machine code."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from adapterkit.ops import triton_lora
+
+    fn = getattr(triton_lora, kernel)
+    consts = {"BLOCK_M": 64, "BLOCK_R": 16, "BLOCK_K": 128, "BLOCK_N": 128, "SPLIT_K": 2, "F32_DOT": False}
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    pointers = {"h_ptr": "*fp32", "slots_ptr": "*i64", "ranks_ptr": "*i32"}
+    signature = {name: "constexpr" if name in consts else pointers.get(name, "*bf16") if name.endswith("_ptr")
+                 else "i32" for name in fn.arg_names}
+    compiled = compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert "mma" in compiled.asm["ptx"]  # the dots run on tensor cores
+    assert compiled.asm["cubin"]  # ptxas accepted it
