@@ -26,7 +26,8 @@ from torch import Tensor
 from adapterkit.ops.gathered import gathered_lora
 
 ENV = "ADAPTERKIT_KERNELS"
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_CHOICES = frozenset(("auto", "torch", "triton"))
+_KERNEL_DTYPES = frozenset((torch.bfloat16, torch.float16, torch.float32))
 
 
 @cache
@@ -46,12 +47,14 @@ def kernel_path(x: Tensor, a_stack: Tensor) -> str:
     Raises:
         ValueError: ``ADAPTERKIT_KERNELS`` holds an unknown value, or is "triton" where the kernels cannot run.
     """
-    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    choice = os.environ.get(ENV, "auto")  # read at every call (~1 us): a benchmark may flip it between runs
+    if choice not in _CHOICES:
+        choice = choice.strip().lower() or "auto"
     if choice == "torch":
         return "torch"
     if choice not in ("auto", "triton"):
         raise ValueError(f"{ENV}={choice!r}: expected one of auto, torch, triton")
-    if choice == "auto" and x.device.type != "cuda":  # the interpreter runs only when asked for by name
+    if choice == "auto" and not x.is_cuda:  # the interpreter runs only when asked for by name
         return "torch"
     problem = _why_not(x, a_stack, _kernels())
     if problem is None:
@@ -71,7 +74,7 @@ def _why_not(x: Tensor, a_stack: Tensor, kernels: ModuleType | str) -> str | Non
         return f"dtype {x.dtype} is not one of bfloat16, float16, float32"
     if a_stack.shape[1] > kernels.MAX_RANK:
         return f"rank {a_stack.shape[1]} is above the kernels' {kernels.MAX_RANK}"
-    if x.device.type != "cuda" and not kernels.INTERPRETED:
+    if not x.is_cuda and not kernels.INTERPRETED:
         return (f"tensors are on {x.device.type}; the kernels run on CUDA, or on the CPU only with "
                 "TRITON_INTERPRET=1 set before triton is imported")
     return None
