@@ -4,6 +4,7 @@ natively (no interpreter) against float64 and the torch path, and the multi-adap
 vs the torch gathered path vs peft vs the base model), printed as short tables.
 
 Runs from the source tree with nothing installed:  PYTHONPATH=src:. python benchmarks/device_check.py
+A shorter slot, kernels and serving only:  ... device_check.py --skip-tests --skip-train --multi-n 16 64
 Shapes follow the issues: hidden 2048, 22 layers, intermediate 5632, 32 heads (4 KV), vocab 32000, bf16 weights,
 LoRA r=16 on all 7 linear projections, AdamW, batch 8 x 1024, median of --steps steps after 3 warm-up steps.
 """
