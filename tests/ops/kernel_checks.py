@@ -113,7 +113,7 @@ def rank_masking(device: str, dtype: torch.dtype) -> dict[str, Any]:
     return {"finite": bool(out.isfinite().all()), "vs_float64": _rel(out, _reference(p))}
 
 
-def dispatch_interpreted(device: str) -> dict[str, Any]:
+def dispatch_forced(device: str) -> dict[str, Any]:
     """ADAPTERKIT_KERNELS=triton takes the kernels (interpreted on a CPU) and matches the torch path; unset (auto),
     the kernels take CUDA tensors only."""
     p = _problem(11, 3, 4, (20, 12), [4, 2], [1, 2, 0], torch.float32, device)
@@ -159,7 +159,7 @@ def run(device: str, dtypes: list[str], big: bool) -> dict[str, Any]:
         for case, numbers in kernel_cases(device, DTYPES[name], big).items():
             results[f"{case}/{name}"] = numbers
         results[f"rank_masking/{name}"] = rank_masking(device, DTYPES[name])
-    results["dispatch_triton"] = dispatch_interpreted(device)
+    results["dispatch_triton"] = dispatch_forced(device)
     results["select_end_to_end/fp32"] = select_end_to_end(device, torch.float32)
     if device == "cuda":
         results["select_end_to_end/bf16"] = select_end_to_end(device, torch.bfloat16)
