@@ -91,7 +91,9 @@ def classifier_adapters(model_dir: Path, out: Path, widths: list[int], scale: fl
     import json
 
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
 
+    logging.set_verbosity_error()  # each adapter gets a fresh head of its own width: the notice is expected
     names = []
     for i, width in enumerate(widths):
         torch.manual_seed(200 + i)
@@ -100,6 +102,8 @@ def classifier_adapters(model_dir: Path, out: Path, widths: list[int], scale: fl
         name = f"cls{i}"
         ak.attach(model, name, ak.LoRA(r=2 + i % 3), ["query", "value"])
         _randomize(model, name, scale, seed=300 + i)
+        with torch.no_grad():
+            model.classifier.weight.normal_(0, 1.0)  # a head with opinions: probabilities far from uniform
         ak.save(model, out / name / "adapter", name, modules=("classifier",))
         labels = [f"{name}_label{k}" for k in range(width)]
         (out / name / "run.json").write_text(json.dumps({"labels": labels}))

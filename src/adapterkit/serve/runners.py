@@ -69,14 +69,22 @@ def per_row(store: AdapterStore, names: Sequence[str | None]) -> Iterator[None]:
 
 
 def _row_hook(path: str, groups: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> Any:
+    inside = [False]  # functional_call calls the module again, hooks included: that inner call passes through
+
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        if inside[0]:
+            return None
         if not args or not isinstance(output, torch.Tensor):
             raise RuntimeError(f"saved module {path} must take one tensor and return one to be served per row")
         x = args[0]
         pieces = []
-        for rows, params in groups:
-            rows = rows.to(x.device)
-            pieces.append((rows, functional_call(module, params, (x[rows],))))
+        inside[0] = True
+        try:
+            for rows, params in groups:
+                rows = rows.to(x.device)
+                pieces.append((rows, functional_call(module, params, (x[rows],))))
+        finally:
+            inside[0] = False
         width = max([output.shape[-1], *(p.shape[-1] for _, p in pieces)])
         result = _pad(output, width)
         for rows, piece in pieces:
