@@ -63,7 +63,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     prompt: str | list[str]
-    max_tokens: int = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="default: 16, or the server's limit if lower")
     temperature: float | None = Field(default=None, description="only 0 (greedy) is served")
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
@@ -156,7 +156,7 @@ def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConf
         entry = await asyncio.to_thread(store.add, check_name(body.name))
         return {"loaded": entry.name, "adapters": len(store.entries)}
 
-    @app.delete("/v1/adapters/{name}")
+    @app.delete("/v1/adapters/{name:path}")  # any path, so "../x" reaches the name check (400), not a 404
     async def unload_adapter(name: str) -> dict[str, Any]:
         await asyncio.to_thread(store.remove, check_name(name))
         return {"unloaded": name, "adapters": len(store.entries)}
@@ -170,18 +170,19 @@ def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConf
             raise ApiError(400, "stream: streaming is not supported; send stream=false")
         if body.temperature not in (None, 0, 0.0):
             raise ApiError(400, f"temperature: only greedy decoding (0) is served, got {body.temperature}")
-        if body.max_tokens > config.max_tokens:
-            raise ApiError(400, f"max_tokens: at most {config.max_tokens}, got {body.max_tokens}")
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(16, config.max_tokens)
+        if max_tokens > config.max_tokens:
+            raise ApiError(400, f"max_tokens: at most {config.max_tokens}, got {max_tokens}")
         adapter = _adapter(body.model, store)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         rows = []
         for index, prompt in enumerate(_bounded(prompts, "prompt", config)):
             ids = runner.encode(prompt)
             _check_length(ids, f"prompt[{index}]" if len(prompts) > 1 else "prompt", config)
-            if max_positions is not None and len(ids) + body.max_tokens > max_positions:
-                raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({body.max_tokens}) exceeds the "
+            if max_positions is not None and len(ids) + max_tokens > max_positions:
+                raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                                     f"model's context of {max_positions} tokens")
-            rows.append((adapter, Row(adapter, ids, body.max_tokens)))
+            rows.append((adapter, Row(adapter, ids, max_tokens)))
         results = await _run(batcher, rows, config)
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model,

@@ -103,8 +103,8 @@ class CompletionRunner:
 
     kind = "completions"
 
-    def __init__(self, model: nn.Module, tokenizer: Any, store: AdapterStore) -> None:
-        self.model, self.tokenizer, self.store = model, tokenizer, store
+    def __init__(self, model: Any, tokenizer: Any, store: AdapterStore) -> None:
+        self.model, self.tokenizer, self.store = model, tokenizer, store  # model: a transformers causal LM
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self.eos_id = tokenizer.eos_token_id
         self.device = next(model.parameters()).device
@@ -175,8 +175,9 @@ class ClassifyRunner:
         for b, row in enumerate(rows):
             own = logits[b][torch.isfinite(logits[b])].float()  # drop the -inf padding of narrower heads
             probs = own.softmax(-1).tolist()
-            names = labels[b] if labels[b] and len(labels[b]) == len(probs) else [f"LABEL_{i}" for i in
-                                                                                    range(len(probs))]
+            own_labels = labels[b]
+            names = own_labels if own_labels and len(own_labels) == len(probs) else [f"LABEL_{i}" for i in
+                                                                                     range(len(probs))]
             best = max(range(len(probs)), key=probs.__getitem__)
             results.append({"label": names[best], "probabilities": dict(zip(names, probs)),
                             "prompt_tokens": len(row.ids)})

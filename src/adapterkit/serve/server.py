@@ -42,7 +42,8 @@ def load_model(model_dir: str | Path, task: str = "auto", device: str = "cpu") -
     logging.set_verbosity_error()  # a base folder without a head gets a fresh one; each adapter brings its own
     cls = AutoModelForCausalLM if task == "completions" else AutoModelForSequenceClassification
     try:
-        model = cls.from_pretrained(str(model_dir)).to(device).eval()
+        model: Any = cls.from_pretrained(str(model_dir))
+        model = model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, RuntimeError) as exc:
         raise AdapterKitError(f"--model {model_dir}: cannot load ({str(exc).splitlines()[0]})") from None

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from adapterkit.core.errors import AdapterKitError, StateError
-from adapterkit.core.registry import spec_from_dict
 from adapterkit.core.host import host_of
+from adapterkit.core.registry import spec_from_dict
 from adapterkit.inject.engine import attach, detach, set_active
 from adapterkit.inject.fingerprint import module_fingerprint
 from adapterkit.inject.state import RECORD, read
