@@ -201,7 +201,7 @@ def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConf
         rows = []
         for index, text in enumerate(_bounded(texts, "input", config)):
             ids = runner.encode(text)
-            _check_length(ids, f"input[{index}]" if len(texts) > 1 else "input", config)
+            _check_length(ids, f"input[{index}]" if len(texts) > 1 else "input", config, max_positions)
             rows.append((adapter, Row(adapter, ids)))
         results = await _run(batcher, rows, config)
         return {"object": "list", "model": body.model,
@@ -264,11 +264,12 @@ def _bounded(items: list[str], what: str, config: ServeConfig) -> list[str]:
     return items
 
 
-def _check_length(ids: tuple[int, ...], what: str, config: ServeConfig) -> None:
+def _check_length(ids: tuple[int, ...], what: str, config: ServeConfig, positions: int | None = None) -> None:
     if not ids:
         raise ApiError(400, f"{what}: empty (no tokens)")
-    if len(ids) > config.max_input_tokens:
-        raise ApiError(413, f"{what}: {len(ids)} tokens; this server takes at most {config.max_input_tokens}")
+    limit = min(config.max_input_tokens, positions or config.max_input_tokens)  # a classifier sees no more
+    if len(ids) > limit:
+        raise ApiError(413, f"{what}: {len(ids)} tokens; this server takes at most {limit}")
 
 
 async def _run(batcher: Batcher, rows: list[tuple[str | None, Row]], config: ServeConfig) -> list[Any]:

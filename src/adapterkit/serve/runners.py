@@ -93,6 +93,20 @@ def _row_hook(path: str, groups: list[tuple[torch.Tensor, dict[str, torch.Tensor
     return hook
 
 
+def pad_rows(rows: Sequence[Row], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of the rows' prompts, padded to the longest. Left padding (for generation)
+    puts every row's last prompt token in the last column; generate derives positions from the mask, so a padded
+    row computes what it computes alone."""
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        span = slice(width - len(row.ids), width) if left else slice(0, len(row.ids))
+        ids[b, span] = torch.tensor(row.ids)
+        mask[b, span] = 1
+    return ids, mask
+
+
 def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
     # -inf: these columns are logits of labels the row's head does not have (softmax gives them 0)
     return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]), value=float("-inf"))
@@ -119,12 +133,8 @@ class CompletionRunner:
 
     @torch.no_grad()
     def _run(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
-        width = max(len(r.ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):  # left padding: every row's last prompt token sits in the last column
-            ids[b, width - len(row.ids):] = torch.tensor(row.ids)
-            mask[b, width - len(row.ids):] = 1
+        ids, mask = pad_rows(rows, self.pad_id, left=True)
+        width = ids.shape[1]
         with self.store.lock, per_row(self.store, [r.adapter for r in rows]):
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=max(r.max_tokens for r in rows), do_sample=False, num_beams=1,
@@ -162,12 +172,7 @@ class ClassifyRunner:
 
     @torch.no_grad()
     def _run(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
-        width = max(len(r.ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            ids[b, :len(row.ids)] = torch.tensor(row.ids)
-            mask[b, :len(row.ids)] = 1
+        ids, mask = pad_rows(rows, self.pad_id, left=False)
         with self.store.lock, per_row(self.store, [r.adapter for r in rows]):
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             labels = [self._labels(r.adapter) for r in rows]  # read under the lock: the entry may be unloaded next
