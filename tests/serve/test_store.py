@@ -206,3 +206,27 @@ def test_left_padded_mixed_generation_scores_equal_each_row_alone(causal) -> Non
         assert torch.equal(mixed.sequences[b, ids.shape[1]:], alone.sequences[0, len(row.ids):])
         for step_mixed, step_alone in zip(mixed.scores, alone.scores, strict=True):
             torch.testing.assert_close(step_mixed[b], step_alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_library_and_store_import_without_the_server_stack() -> None:
+    import subprocess
+
+    code = ("import sys, adapterkit, adapterkit.serve.store, adapterkit.serve.runners, adapterkit.serve.batcher, "
+            "adapterkit.serve.metrics; bad = [m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules]; "
+            "assert not bad, bad")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    done = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_cli_serve_without_fastapi_is_one_clear_error(monkeypatch, capsys, causal) -> None:
+    from adapterkit.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if the serve extra were not installed
+    monkeypatch.delitem(sys.modules, "adapterkit.serve.app", raising=False)
+    assert main(["serve", "--model", str(causal[0]), "--max-batch", "2"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: serve needs fastapi and uvicorn (fastapi is missing): "
+                                               "pip install 'adapterkit[serve]'")
+    assert main(["serve", "--model", str(causal[0]), "--max-batch", "0"]) == 2
+    assert "--max-batch must be at least 1, got 0" in capsys.readouterr().err
