@@ -230,3 +230,16 @@ def test_cli_serve_without_fastapi_is_one_clear_error(monkeypatch, capsys, causa
                                                "pip install 'adapterkit[serve]'")
     assert main(["serve", "--model", str(causal[0]), "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_row_whose_adapter_was_unloaded_fails_alone(causal) -> None:
+    model_dir, adapters = causal
+    model = _model(model_dir)
+    store = AdapterStore(model, adapters, max_resident=2)
+    store.load_all()
+    runner = CompletionRunner(model, _tokenizer(model_dir), store)
+    rows = [Row("ad1", (5, 6, 7), 2), Row("ad3", (5, 6), 2), Row(None, (8,), 2)]
+    store.remove("ad1")  # e.g. DELETE /v1/adapters/ad1 while the row waited in the queue
+    results = runner(rows)
+    assert isinstance(results[0], UnknownAdapterError) and "unloaded" in str(results[0])
+    assert results[1:] == [runner([rows[1]])[0], runner([rows[2]])[0]]
