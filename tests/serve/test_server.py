@@ -129,6 +129,10 @@ def test_classify_mixed_heads_over_http(folders) -> None:
         assert len(answers[0]["data"][0]["probabilities"]) == 2
         response = httpx.post(f"{running.url}/v1/completions", json={"model": "cls0", "prompt": "a"})
         assert response.status_code == 400 and "/v1/classify" in response.json()["error"]["message"]
+        # the tiny BERT has 64 positions: a longer input is refused (413), not truncated or crashed on
+        _error(httpx.post(f"{running.url}/v1/classify", json={"model": "cls0", "input": ["a", "cat " * 64]}), 413,
+               "input[1]: 65 tokens", "at most 64")
+        _error(httpx.post(f"{running.url}/v1/classify", json={"model": "cls0", "input": []}), 400, "empty")
 
 
 def _error(response: httpx.Response, status: int, *words: str) -> str:
