@@ -243,3 +243,37 @@ def test_a_row_whose_adapter_was_unloaded_fails_alone(causal) -> None:
     results = runner(rows)
     assert isinstance(results[0], UnknownAdapterError) and "unloaded" in str(results[0])
     assert results[1:] == [runner([rows[1]])[0], runner([rows[2]])[0]]
+
+
+@torch.no_grad()
+def test_a_saved_output_layer_is_served_per_row_in_generation(causal, tmp_path) -> None:
+    """An adapter saved with its own lm_head (what vLLM refuses as modules_to_save) beside one without: a mixed
+    generation batch equals each row generated alone after a plain ak.load (scores at 1e-5)."""
+    from adapterkit.serve.runners import pad_rows, per_row
+
+    model_dir, adapters = causal
+    donor = _model(model_dir)
+    ak.load(donor, adapters / "ad0", name="headed")
+    donor.lm_head.weight.add_(torch.randn(donor.lm_head.weight.shape, generator=torch.Generator().manual_seed(5)))
+    ak.save(donor, tmp_path / "headed", "headed", modules=("lm_head",))
+    model = _model(model_dir)
+    store = AdapterStore(model, adapters, max_resident=3)
+    store.add("headed", tmp_path / "headed")
+    store.add("ad1")
+    assert list(store.get("headed").modules) == ["lm_head"]
+    names = ["headed", "ad1", None, "headed"]
+    rows = [Row(n, tuple(range(10 + b, 14 + 2 * b)), 4) for b, n in enumerate(names)]
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "eos_token_id": None,
+              "output_scores": True, "return_dict_in_generate": True}
+    ids, mask = pad_rows(rows, 0, left=True)
+    with store.lock, per_row(store, names):
+        mixed = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    for b, row in enumerate(rows):
+        plain = _model(model_dir)
+        if row.adapter is not None:
+            ak.load(plain, tmp_path / "headed" if row.adapter == "headed" else adapters / row.adapter)
+        alone = plain.generate(input_ids=torch.tensor([row.ids]), **kwargs)
+        for step_mixed, step_alone in zip(mixed.scores, alone.scores, strict=True):
+            torch.testing.assert_close(step_mixed[b], step_alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed.scores[0][0], mixed.scores[0][2], atol=1e-2)  # the head really differs
+    assert torch.equal(model.lm_head.weight, _model(model_dir).lm_head.weight)  # the shared head is untouched
