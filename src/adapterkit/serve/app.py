@@ -29,11 +29,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapterkit.core.errors import AdapterKitError, StateError
+from adapterkit.core.errors import AdapterKitError
 from adapterkit.serve.batcher import Batcher, QueueFullError
 from adapterkit.serve.metrics import Metrics
 from adapterkit.serve.runners import Row
-from adapterkit.serve.store import BASE_NAME, AdapterStore, BadNameError, UnknownAdapterError, check_name
+from adapterkit.serve.store import BASE_NAME, AdapterStore, UnknownAdapterError, check_name
 
 
 @dataclass(frozen=True)
@@ -221,9 +221,7 @@ def _status_of(exc: AdapterKitError) -> tuple[int, str, str]:
         return 404, str(exc), "not_found_error"
     if isinstance(exc, QueueFullError):
         return 503, str(exc), "server_busy"
-    if isinstance(exc, BadNameError | StateError):
-        return 400, str(exc), "invalid_request_error"
-    return 400, str(exc), "invalid_request_error"
+    return 400, str(exc), "invalid_request_error"  # bad names, unreadable adapter folders, bad options
 
 
 async def _parse(request: Request, model: type[BaseModel], config: ServeConfig) -> Any:
