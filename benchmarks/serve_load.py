@@ -74,6 +74,7 @@ def main() -> None:
         config = ServeConfig(max_batch=batch, max_wait_ms=args.max_wait_ms, max_queue=4 * total, timeout_s=600)
         app = build_app(root / "model", root / "adapters", max_resident=args.adapters, config=config)
         servers[label] = start_in_thread(app)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Llama hidden {args.hidden} x "
           f"{args.layers} layers; {args.adapters} LoRA adapters; {args.clients} clients x {args.requests} requests, "
           f"max_tokens {args.max_tokens}, max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms")
@@ -94,6 +95,7 @@ def main() -> None:
     finally:
         for running in servers.values():
             running.stop()
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     assert answers["batched"] == answers["one at a time"], "batched answers differ from one-at-a-time answers"
     batched, single = statistics.median(rates["batched"]), statistics.median(rates["one at a time"])
     print(f"median: batched {batched:.1f} req/s, one at a time {single:.1f} req/s, ratio {batched / single:.2f}x "
