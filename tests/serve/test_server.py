@@ -30,6 +30,19 @@ from adapterkit.serve.server import Running, build_app, start_in_thread  # noqa:
 from tests.serve.fixtures import WORDS, causal_adapters, causal_dir, classifier_adapters, classifier_dir  # noqa: E402
 
 ADAPTERS = 8
+LIMIT = 30.0  # seconds per HTTP call: generous, the CPU may be shared with other work
+
+
+def _post(url: str, **kwargs) -> httpx.Response:
+    return httpx.post(url, timeout=LIMIT, **kwargs)
+
+
+def _get(url: str) -> httpx.Response:
+    return httpx.get(url, timeout=LIMIT)
+
+
+def _delete(url: str) -> httpx.Response:
+    return httpx.delete(url, timeout=LIMIT)
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +140,12 @@ def test_classify_mixed_heads_over_http(folders) -> None:
             listed = answers[-1]["data"][i]["probabilities"]
             assert len(listed) == 4 and all(k.startswith("cls1_label") for k in listed)
         assert len(answers[0]["data"][0]["probabilities"]) == 2
-        response = httpx.post(f"{running.url}/v1/completions", json={"model": "cls0", "prompt": "a"})
+        response = _post(f"{running.url}/v1/completions", json={"model": "cls0", "prompt": "a"})
         assert response.status_code == 400 and "/v1/classify" in response.json()["error"]["message"]
         # the tiny BERT has 64 positions: a longer input is refused (413), not truncated or crashed on
-        _error(httpx.post(f"{running.url}/v1/classify", json={"model": "cls0", "input": ["a", "cat " * 64]}), 413,
+        _error(_post(f"{running.url}/v1/classify", json={"model": "cls0", "input": ["a", "cat " * 64]}), 413,
                "input[1]: 65 tokens", "at most 64")
-        _error(httpx.post(f"{running.url}/v1/classify", json={"model": "cls0", "input": []}), 400, "empty")
+        _error(_post(f"{running.url}/v1/classify", json={"model": "cls0", "input": []}), 400, "empty")
 
 
 def _error(response: httpx.Response, status: int, *words: str) -> str:
@@ -147,51 +160,51 @@ def _error(response: httpx.Response, status: int, *words: str) -> str:
 def test_bad_requests_get_4xx_with_json_errors(lm) -> None:
     url = f"{lm.url}/v1/completions"
     headers = {"content-type": "application/json"}
-    _error(httpx.post(url, content=b'{"model": "ad0", "prompt": ', headers=headers), 400, "malformed JSON", "line 1")
-    _error(httpx.post(url, content=b"\xff\xfe", headers=headers), 400, "malformed JSON")
-    _error(httpx.post(url, json=["ad0"]), 400, "JSON object")
-    _error(httpx.post(url, json={"model": "ad0"}), 400, "prompt")
-    _error(httpx.post(url, json={"model": "ad0", "prompt": "a", "max_tokens": "many"}), 400, "max_tokens")
-    _error(httpx.post(url, json={"model": "ad0", "prompt": "a", "top_k": 5}), 400, "top_k")
-    _error(httpx.post(url, json={"model": "ad0", "prompt": "a", "max_tokens": 13}), 400, "at most 12")
-    _error(httpx.post(url, json={"model": "ad0", "prompt": "a", "temperature": 0.7}), 400, "greedy")
-    _error(httpx.post(url, json={"model": "ad0", "prompt": "a", "stream": True}), 400, "stream")
+    _error(_post(url, content=b'{"model": "ad0", "prompt": ', headers=headers), 400, "malformed JSON", "line 1")
+    _error(_post(url, content=b"\xff\xfe", headers=headers), 400, "malformed JSON")
+    _error(_post(url, json=["ad0"]), 400, "JSON object")
+    _error(_post(url, json={"model": "ad0"}), 400, "prompt")
+    _error(_post(url, json={"model": "ad0", "prompt": "a", "max_tokens": "many"}), 400, "max_tokens")
+    _error(_post(url, json={"model": "ad0", "prompt": "a", "top_k": 5}), 400, "top_k")
+    _error(_post(url, json={"model": "ad0", "prompt": "a", "max_tokens": 13}), 400, "at most 12")
+    _error(_post(url, json={"model": "ad0", "prompt": "a", "temperature": 0.7}), 400, "greedy")
+    _error(_post(url, json={"model": "ad0", "prompt": "a", "stream": True}), 400, "stream")
     # oversized: too many tokens, too large a body, too many prompts in one request (413, as documented)
-    _error(httpx.post(url, json={"model": "ad0", "prompt": "cat " * 41}), 413, "41 tokens", "at most 40")
-    _error(httpx.post(url, json={"model": "ad0", "prompt": "x" * 5000}), 413, "exceeds the limit of 4096")
-    _error(httpx.post(url, json={"model": "ad0", "prompt": ["a"] * 17}), 413, "17 items")
+    _error(_post(url, json={"model": "ad0", "prompt": "cat " * 41}), 413, "41 tokens", "at most 40")
+    _error(_post(url, json={"model": "ad0", "prompt": "x" * 5000}), 413, "exceeds the limit of 4096")
+    _error(_post(url, json={"model": "ad0", "prompt": ["a"] * 17}), 413, "17 items")
     # adapters: unknown 404, invalid names (path traversal included) 400
-    _error(httpx.post(url, json={"model": "nope", "prompt": "a"}), 404, "'nope' is not loaded")
+    _error(_post(url, json={"model": "nope", "prompt": "a"}), 404, "'nope' is not loaded")
     for bad in ("../ad0", "ad0/../../etc", "..", "a.b", "/etc/passwd"):
-        _error(httpx.post(url, json={"model": bad, "prompt": "a"}), 400, "invalid")
-        _error(httpx.post(f"{lm.url}/v1/adapters", json={"name": bad}), 400, "invalid")
-    _error(httpx.delete(f"{lm.url}/v1/adapters/..%2Fad0"), 400, "invalid")
-    _error(httpx.get(f"{lm.url}/v1/nothing"), 404)
-    _error(httpx.post(f"{lm.url}/v1/classify", json={"model": "ad0", "input": "a"}), 400, "/v1/completions")
-    ok = httpx.post(url, json={"model": "ad3", "prompt": ["the cat", "a dog ran"], "max_tokens": 2})
+        _error(_post(url, json={"model": bad, "prompt": "a"}), 400, "invalid")
+        _error(_post(f"{lm.url}/v1/adapters", json={"name": bad}), 400, "invalid")
+    _error(_delete(f"{lm.url}/v1/adapters/..%2Fad0"), 400, "invalid")
+    _error(_get(f"{lm.url}/v1/nothing"), 404)
+    _error(_post(f"{lm.url}/v1/classify", json={"model": "ad0", "input": "a"}), 400, "/v1/completions")
+    ok = _post(url, json={"model": "ad3", "prompt": ["the cat", "a dog ran"], "max_tokens": 2})
     assert ok.status_code == 200 and [c["index"] for c in ok.json()["choices"]] == [0, 1]
 
 
 def test_list_load_unload_health_metrics(lm, folders) -> None:
     shutil.copytree(folders["lm_adapters"] / "ad5", folders["lm_adapters"] / "late")
-    listed = httpx.get(f"{lm.url}/v1/adapters").json()
+    listed = _get(f"{lm.url}/v1/adapters").json()
     assert [row["id"] for row in listed["data"]] == ["base", *[f"ad{i}" for i in range(ADAPTERS)]]
     assert listed["available"] == ["late"]
     body = {"model": "late", "prompt": "the red cat", "max_tokens": 4}
-    _error(httpx.post(f"{lm.url}/v1/completions", json=body), 404)
-    assert httpx.post(f"{lm.url}/v1/adapters", json={"name": "late"}).json()["loaded"] == "late"
-    _error(httpx.post(f"{lm.url}/v1/adapters", json={"name": "late"}), 400, "already loaded")
-    late = httpx.post(f"{lm.url}/v1/completions", json=body).json()["choices"][0]["text"]
-    same = httpx.post(f"{lm.url}/v1/completions", json={**body, "model": "ad5"}).json()["choices"][0]["text"]
+    _error(_post(f"{lm.url}/v1/completions", json=body), 404)
+    assert _post(f"{lm.url}/v1/adapters", json={"name": "late"}).json()["loaded"] == "late"
+    _error(_post(f"{lm.url}/v1/adapters", json={"name": "late"}), 400, "already loaded")
+    late = _post(f"{lm.url}/v1/completions", json=body).json()["choices"][0]["text"]
+    same = _post(f"{lm.url}/v1/completions", json={**body, "model": "ad5"}).json()["choices"][0]["text"]
     assert late == same  # a copy of ad5's folder answers as ad5 does
-    assert httpx.delete(f"{lm.url}/v1/adapters/late").json()["unloaded"] == "late"
-    _error(httpx.post(f"{lm.url}/v1/completions", json=body), 404)
-    _error(httpx.delete(f"{lm.url}/v1/adapters/late"), 404)
-    _error(httpx.post(f"{lm.url}/v1/adapters", json={"name": "missing"}), 400, "not an adapter folder")
+    assert _delete(f"{lm.url}/v1/adapters/late").json()["unloaded"] == "late"
+    _error(_post(f"{lm.url}/v1/completions", json=body), 404)
+    _error(_delete(f"{lm.url}/v1/adapters/late"), 404)
+    _error(_post(f"{lm.url}/v1/adapters", json={"name": "missing"}), 400, "not an adapter folder")
     assert (folders["lm_adapters"] / "late" / "adapter.json").is_file()
-    health = httpx.get(f"{lm.url}/health").json()
+    health = _get(f"{lm.url}/health").json()
     assert health["status"] == "ok" and health["task"] == "completions" and health["adapters_loaded"] == ADAPTERS
-    text = httpx.get(f"{lm.url}/metrics").text
+    text = _get(f"{lm.url}/metrics").text
     assert 'adapterkit_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert 'adapterkit_requests_total{endpoint="/v1/completions",status="404"}' in text
     assert f"adapterkit_adapters_loaded {ADAPTERS}" in text and "adapterkit_queue_depth 0" in text
@@ -239,8 +252,8 @@ def test_full_queue_answers_503_and_timeouts_504(folders) -> None:
         _error(full, 503, "queue")
         _error(timed_out, 504, "timed out after 2 s")
         assert first.status_code == 504  # it too waited past the timeout
-        assert httpx.post(f"{running.url}/v1/completions", json=body).status_code == 200  # the server recovered
-        text = httpx.get(f"{running.url}/metrics").text
+        assert _post(f"{running.url}/v1/completions", json=body).status_code == 200  # the server recovered
+        text = _get(f"{running.url}/metrics").text
         assert 'status="503"' in text and 'status="504"' in text
 
 
@@ -254,13 +267,14 @@ def test_cli_serve_starts_and_answers(folders) -> None:
                                env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        for _ in range(300):
+        deadline = time.monotonic() + 120  # a fresh interpreter imports torch and transformers first
+        while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                if _get(f"http://127.0.0.1:{port}/health").status_code == 200:
                     break
             assert process.poll() is None, process.stdout.read() if process.stdout else ""
             time.sleep(0.1)
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+        answer = _post(f"http://127.0.0.1:{port}/v1/completions",
                             json={"model": "ad2", "prompt": "the cat", "max_tokens": 3}).json()
         assert answer["choices"][0]["finish_reason"] in ("stop", "length")
     finally:
