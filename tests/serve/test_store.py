@@ -277,3 +277,19 @@ def test_a_saved_output_layer_is_served_per_row_in_generation(causal, tmp_path) 
             torch.testing.assert_close(step_mixed[b], step_alone[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(mixed.scores[0][0], mixed.scores[0][2], atol=1e-2)  # the head really differs
     assert torch.equal(model.lm_head.weight, _model(model_dir).lm_head.weight)  # the shared head is untouched
+
+
+def test_tensors_that_do_not_fit_undo_the_attach(causal, tmp_path) -> None:
+    import json
+
+    model_dir, adapters = causal
+    shutil.copytree(adapters / "ad0", tmp_path / "liar")
+    record = json.loads((tmp_path / "liar" / "adapter.json").read_text())
+    record["spec"]["r"] = record["spec"]["r"] + 1  # the saved tensors have the old rank
+    (tmp_path / "liar" / "adapter.json").write_text(json.dumps(record))
+    model = _model(model_dir)
+    store = AdapterStore(model, adapters, max_resident=2)
+    store.add("ad1")
+    with pytest.raises(ak.StateError, match="liar: cannot load its tensors"):
+        store.add("liar", tmp_path / "liar")
+    assert list(store.entries) == ["ad1"] and ak.adapters(model) == ["ad1"]

@@ -18,7 +18,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,6 @@ class Entry:
     weights: dict[str, dict[str, torch.Tensor]]  # target path -> adapter state dict
     modules: dict[str, dict[str, torch.Tensor]]  # saved module path (e.g. a head) -> its parameters, on device
     labels: list[str] | None = None  # class names from run.json, when the folder is a training run
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class AdapterStore:
@@ -124,8 +123,9 @@ class AdapterStore:
     def add(self, name: str, folder: str | Path | None = None) -> Entry:
         """Read adapter ``name`` (from ``folder``, default ``<root>/<name>``) into host memory and attach it.
 
-        Verifies the record, the weights' sha256, the base model's fingerprint and every tensor's shape before
-        anything changes; a bad folder raises StateError and leaves the store as it was.
+        The record, the weights' sha256 and the base model's fingerprint are checked before the model is touched;
+        tensors that do not fit the attached adapter undo the attach. A bad folder raises StateError, and nothing
+        already loaded is lost (at most one adapter was detached to make room; it stays in host memory).
         """
         check_name(name)
         if name == BASE_NAME:
