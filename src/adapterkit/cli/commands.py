@@ -224,3 +224,26 @@ def cmd_import_(args: argparse.Namespace) -> int:
     ak.save(model, args.out, "adapter", modules=tuple(config.get("modules_to_save") or ()))
     print(f"adapterkit adapter written to {args.out}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-resident", args.max_resident), ("--max-input-tokens", args.max_input_tokens),
+                        ("--max-tokens", args.max_tokens)):
+        if value < 1:
+            raise AdapterKitError(f"{flag} must be at least 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise AdapterKitError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_wait_ms < 0 or args.timeout_s <= 0:
+        raise AdapterKitError("--max-wait-ms must be >= 0 and --timeout-s > 0")
+    try:
+        from adapterkit.serve.app import ServeConfig
+        from adapterkit.serve.server import serve
+    except ImportError as exc:
+        raise AdapterKitError(f"serve needs fastapi and uvicorn ({exc.name} is missing): "
+                              "pip install 'adapterkit[serve]'") from None
+    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                         timeout_s=args.timeout_s, max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens)
+    serve(args.model, args.adapters, host=args.host, port=args.port, task=args.task, device=args.device,
+          max_resident=args.max_resident, config=config)
+    return 0

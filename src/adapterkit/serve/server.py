@@ -1,0 +1,119 @@
+"""Build a server from folders (model, adapters) and run it with uvicorn: what ``adapterkit serve`` calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterkit.core.errors import AdapterKitError
+from adapterkit.serve.store import AdapterStore
+
+TASKS = ("auto", "completions", "classify")
+
+
+def model_task(model_dir: str | Path) -> str:
+    """"completions" for a causal LM folder (its config names a *ForCausalLM / *LMHeadModel), else "classify"."""
+    config = Path(model_dir, "config.json")
+    if not config.is_file():
+        raise AdapterKitError(f"--model {model_dir}: not a Hugging Face model folder (no config.json)")
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterKitError(f"{config}: invalid JSON ({exc})") from None
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return "completions" if causal else "classify"
+
+
+def load_model(model_dir: str | Path, task: str = "auto", device: str = "cpu") -> tuple[str, Any, Any]:
+    """(task, model in eval mode on ``device``, tokenizer) from a local model folder."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
+
+    if task not in TASKS:
+        raise AdapterKitError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    task = model_task(model_dir) if task == "auto" else task
+    logging.set_verbosity_error()  # a base folder without a head gets a fresh one; each adapter brings its own
+    cls = AutoModelForCausalLM if task == "completions" else AutoModelForSequenceClassification
+    try:
+        model: Any = cls.from_pretrained(str(model_dir))
+        model = model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise AdapterKitError(f"--model {model_dir}: cannot load ({str(exc).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    return task, model, tokenizer
+
+
+def build_app(model_dir: str | Path, adapters_dir: str | Path | None, task: str = "auto", device: str = "cpu",
+              max_resident: int = 8, config: Any = None) -> Any:
+    """The FastAPI app for a model folder and an adapters folder (every adapter in it is loaded at start)."""
+    from adapterkit.serve.app import ServeConfig, create_app
+    from adapterkit.serve.runners import ClassifyRunner, CompletionRunner
+
+    if adapters_dir is not None and not Path(adapters_dir).is_dir():
+        raise AdapterKitError(f"--adapters {adapters_dir}: no such folder")
+    task, model, tokenizer = load_model(model_dir, task, device)
+    store = AdapterStore(model, adapters_dir, max_resident=max_resident)
+    store.load_all()
+    runner = (CompletionRunner if task == "completions" else ClassifyRunner)(model, tokenizer, store)
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    return create_app(runner, store, config or ServeConfig(), max_positions=positions)
+
+
+@dataclass
+class Running:
+    """A server started in a background thread (tests, benchmarks); ``stop()`` shuts it down."""
+
+    server: Any
+    thread: threading.Thread
+    url: str
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit and wait for its thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_in_thread(app: Any, host: str = "127.0.0.1") -> Running:
+    """Serve ``app`` on an ephemeral port of ``host`` in a daemon thread; returns once it accepts connections."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="adapterkit-serve")
+    thread.start()
+    for _ in range(2000):
+        if server.started:
+            break
+        if not thread.is_alive():
+            raise AdapterKitError("the server thread exited during start-up")
+        threading.Event().wait(0.01)
+    else:
+        raise AdapterKitError("the server did not start within 20 s")
+    return Running(server, thread, f"http://{host}:{port}")
+
+
+def serve(model_dir: str, adapters_dir: str | None, host: str = "127.0.0.1", port: int = 8000,
+          task: str = "auto", device: str = "cpu", max_resident: int = 8, config: Any = None) -> None:
+    """Build the app and serve it in the foreground until interrupted."""
+    import uvicorn
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AdapterKitError(f"--device {device}: CUDA is not available on this machine")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app = build_app(model_dir, adapters_dir, task, device, max_resident, config)
+    store = app.state.store
+    print(f"serving {app.state.runner.kind} with {len(store.entries)} adapters "
+          f"({len(store.resident)} resident) on http://{host}:{port}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
