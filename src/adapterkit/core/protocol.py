@@ -18,6 +18,7 @@ so the contract is the pair of maps, and ``delta_weight()`` stays an optional ex
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
@@ -52,4 +53,14 @@ class Mergeable(Protocol):
 
     def unmerge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Merged (weight, bias) -> base (weight, bias)."""
+        ...
+
+
+@runtime_checkable
+class Resizable(Protocol):
+    """Adapters whose tensor sizes depend on training, not on the spec (a sparse diff keeps K entries chosen by
+    training). Loading calls ``resize`` with the saved tensors before copying them in."""
+
+    def resize(self, state: Mapping[str, Tensor]) -> None:
+        """Re-allocate to the saved tensors' shapes; raise ValueError (one line) if they are inconsistent."""
         ...
