@@ -22,11 +22,14 @@ from adapterkit.inject.engine import attach, detach, train_only
 from adapterkit.inject.select import explain
 from adapterkit.inject.state import load, read, save
 from adapterkit.merge.merging import is_merged, merge, unmerge
+from adapterkit.methods.adapterbit import AdapterBit
 from adapterkit.methods.bitfit import BitFit
 from adapterkit.methods.bottleneck import ParBottleneck, SeqBottleneck
 from adapterkit.methods.dora import DoRA
 from adapterkit.methods.ia3 import IA3
 from adapterkit.methods.lora import LoRA
+from adapterkit.methods.lt_sft import LTSFT
+from adapterkit.methods.mosa import MoSA
 
 __version__ = "0.1.0"
 
@@ -35,4 +38,5 @@ __all__ = [
     "Select", "SpecError", "StateError", "TargetError", "UnknownMethodError", "activate", "adapters", "attach",
     "detach", "explain", "is_merged", "load", "merge", "methods", "read", "save", "spec_class", "spec_from_dict",
     "train_only", "unmerge", "use",
+    "AdapterBit", "LTSFT", "MoSA",
 ]
