@@ -43,6 +43,32 @@ def test_equation_float64() -> None:
     torch.testing.assert_close(model(x), expected, atol=1e-12, rtol=0)
 
 
+def test_sparse_product_matches_the_dense_delta_and_its_gradients(monkeypatch) -> None:
+    from adapterkit.methods import lt_sft
+
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(40, 30)).double()
+    ak.attach(holder, "d", ak.LTSFT(k=9), targets=[nn.Linear])
+    diff = diffs(holder, "d")[0]
+    index = torch.tensor([0, 41, 77, 399, 800, 1199, 1200, 1215, 1229])  # weight entries, then 3 bias entries
+    diff.set_support(index, torch.randn(9, dtype=torch.float64))
+    x = torch.randn(2, 3, 40, dtype=torch.float64, requires_grad=True)
+    results = []
+    for threshold in (1.0, 0.0):  # sparse product (9 of 1230 entries), then the dense path forced
+        monkeypatch.setattr(lt_sft, "_SPARSE_BELOW", threshold)
+        diff.values.grad, x.grad = None, None
+        out = holder(x)
+        (out * torch.linspace(-1, 1, 30, dtype=torch.float64)).sum().backward()
+        results.append((out.detach(), x.grad.clone(), diff.values.grad.clone()))
+    for sparse, dense in zip(*results, strict=True):
+        torch.testing.assert_close(sparse, dense, atol=1e-12, rtol=0)
+    weight = torch.zeros(1200, dtype=torch.float64)
+    weight[index[:6]] = diff.values.detach()[:6]
+    expected = x.detach() @ (holder[0].weight + weight.view(30, 40)).T + holder[0].bias
+    expected[..., [0, 15, 29]] += diff.values.detach()[6:]
+    torch.testing.assert_close(results[0][0], expected, atol=1e-12, rtol=0)
+
+
 def test_top_k_keeps_the_most_changed_entries_over_all_layers_and_resets() -> None:
     model = _holder()
     ak.attach(model, "d", ak.LTSFT(k=3), targets=[nn.Linear])

@@ -124,8 +124,21 @@ class SparseDiff(nn.Module):
 
     # -- the Adapter contract -----------------------------------------------------------------------
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
-        weight, bias = self.dense()
-        return F.linear(x, as_compute(weight, x), None if bias is None else as_compute(bias, x))  # (..., out)
+        if self.values.numel() > self.size * _SPARSE_BELOW:  # phase 1 (dense): a plain matmul is cheaper
+            weight, bias = self.dense()
+            return F.linear(x, as_compute(weight, x), None if bias is None else as_compute(bias, x))  # (..., out)
+        values = self.values if self.l1 == 0 else _L1Pull.apply(self.values, self.l1)
+        values = as_compute(values, x)
+        split = int(torch.searchsorted(self.indices, math.prod(self.shape)))  # weight entries first, then bias
+        index = self.indices[:split].long()
+        rows, cols = index // self.shape[1], index % self.shape[1]
+        flat = x.reshape(-1, self.shape[1])  # (N, in)
+        out = _SparseLinear.apply(flat, values[:split], rows, cols, self.shape[0])  # (N, out): K*N work, not out*in*N
+        if self.bias_size:
+            bias = values.new_zeros(self.bias_size).index_put((self.indices[split:].long() - math.prod(self.shape),),
+                                                              values[split:])
+            out = out + bias
+        return out.reshape(*x.shape[:-1], self.shape[0])
 
     def _flat(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         return torch.cat([weight.reshape(-1), bias.reshape(-1)]) if self.bias_size and bias is not None \
@@ -149,6 +162,36 @@ class SparseDiff(nn.Module):
         flat[self.indices.long()] = self.saved.to(flat.dtype)
         self.saved = None  # type: ignore[assignment]  # a buffer slot: None until the next merge
         return self._split(flat, weight, bias)
+
+
+_SPARSE_BELOW = 0.05  # density under which the unmerged forward uses the sparse product
+_CHUNK = 8192  # entries per chunk of the values' gradient: bounds its (N, chunk) scratch
+
+
+class _SparseLinear(torch.autograd.Function):
+    """y = x dW^T for dW with K entries (rows, cols, values); every pass costs O(K N), not O(out in N)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, values: Tensor, rows: Tensor, cols: Tensor, out_features: int) -> Tensor:
+        ctx.save_for_backward(x, values, rows, cols)
+        ctx.out_features = out_features
+        sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (out_features, x.shape[1]),
+                                         check_invariants=False, is_coalesced=True)  # sorted, unique
+        return torch.sparse.mm(sparse, x.t()).t()  # (N, out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        x, values, rows, cols = ctx.saved_tensors
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            sparse_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), values, (x.shape[1], ctx.out_features),
+                                               check_invariants=False)
+            grad_x = torch.sparse.mm(sparse_t, grad.t()).t()  # (N, in) = grad dW
+        if ctx.needs_input_grad[1]:
+            # d/d values[k] = sum_n grad[n, rows[k]] x[n, cols[k]], in chunks of entries
+            parts = [(grad[:, r] * x[:, c]).sum(0) for r, c in zip(rows.split(_CHUNK), cols.split(_CHUNK), strict=True)]
+            grad_values = torch.cat(parts) if parts else values.new_zeros(0)
+        return grad_x, grad_values, None, None, None
 
 
 class _L1Pull(torch.autograd.Function):
