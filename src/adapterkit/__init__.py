@@ -35,11 +35,14 @@ from adapterkit.inject.engine import attach, detach, train_only
 from adapterkit.inject.select import explain
 from adapterkit.inject.state import load, read, save
 from adapterkit.merge.merging import is_merged, merge, unmerge
+from adapterkit.methods.adapterbit import AdapterBit
 from adapterkit.methods.bitfit import BitFit
 from adapterkit.methods.bottleneck import ParBottleneck, SeqBottleneck
 from adapterkit.methods.dora import DoRA
 from adapterkit.methods.ia3 import IA3
 from adapterkit.methods.lora import LoRA
+from adapterkit.methods.lt_sft import LTSFT
+from adapterkit.methods.mosa import MoSA
 
 __version__ = "0.1.0"
 
@@ -49,4 +52,5 @@ __all__ = [
     "TargetError", "TaskRoute", "UnknownMethodError", "activate", "adapters", "attach", "block_from_dict",
     "combiners", "detach", "explain", "is_merged", "load", "merge", "methods", "read", "save", "spec_class",
     "spec_from_dict", "train_only", "unmerge", "use",
+    "AdapterBit", "LTSFT", "MoSA",
 ]

@@ -25,6 +25,11 @@ CASES: dict[str, list[tuple[str, ak.core.spec.AdapterSpec, list]]] = {  # type: 
     "par_bn": [("llama", ak.ParBottleneck(reduction_factor=4), ["mlp"]),
                ("gpt2", ak.ParBottleneck(hidden=4), ["mlp"])],
     "bitfit": [("bert", ak.BitFit(), ["dense", "LayerNorm"])],
+    "lt_sft": [("bert", ak.LTSFT(k=50), ["query", "value", "output.dense"]), ("gpt2", ak.LTSFT(k=20), ["c_attn"])],
+    "mosa": [("bert", ak.MoSA(reduction_factor=4), ["output.LayerNorm"]),
+             ("llama", ak.MoSA(hidden=8, experts=2, split="all", activation="gelu"), ["mlp"])],
+    "adapterbit": [("bert", ak.AdapterBit(), ["attention.output.dense", "output.dense"]),
+                   ("bert", ak.AdapterBit(reduction_factor=4), ["output.LayerNorm"])],
 }
 
 PARAMS = [pytest.param(kind, spec, targets, id=f"{method}-{kind}-{i}")

@@ -18,7 +18,7 @@ so the contract is the pair of maps, and ``delta_weight()`` stays an optional ex
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -70,4 +70,14 @@ class Combiner(Protocol):
 
     def combine(self, x: Tensor, out: Tensor, branches: Sequence[Any], call: Any) -> Tensor:
         """The output of this module with the block's children combined."""
+        ...
+
+
+@runtime_checkable
+class Resizable(Protocol):
+    """Adapters whose tensor sizes depend on training, not on the spec (a sparse diff keeps K entries chosen by
+    training). Loading calls ``resize`` with the saved tensors before copying them in."""
+
+    def resize(self, state: Mapping[str, Tensor]) -> None:
+        """Re-allocate to the saved tensors' shapes; raise ValueError (one line) if they are inconsistent."""
         ...

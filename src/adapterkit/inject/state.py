@@ -24,6 +24,7 @@ from torch import nn
 
 from adapterkit.core.errors import StateError
 from adapterkit.core.host import HOST_ATTR, host_of
+from adapterkit.core.protocol import Resizable
 from adapterkit.core.registry import spec_from_dict
 from adapterkit.inject.engine import adapter_names, attach, detach, hosts, placements, set_active
 from adapterkit.inject.fingerprint import module_fingerprint
@@ -180,6 +181,11 @@ def _copy_tensors(model: nn.Module, name: str, record: dict[str, Any], tensors: 
         adapter = host.adapter(name)
         prefix = f"adapter.{mpath}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if isinstance(adapter, Resizable):  # sizes set by training (e.g. a sparse diff's K), not by the spec
+            try:
+                adapter.resize(own)
+            except ValueError as exc:
+                raise StateError(f"{path}: adapter at {mpath}: {exc}") from None
         _load_state(adapter, own, f"{path}: adapter at {mpath}")
     modules = dict(model.named_modules())
     for mpath in record.get("modules", []):
