@@ -27,11 +27,15 @@ from adapterkit.methods.bottleneck import ParBottleneck, SeqBottleneck
 from adapterkit.methods.dora import DoRA
 from adapterkit.methods.ia3 import IA3
 from adapterkit.methods.lora import LoRA
+from adapterkit.methods.lowbit import LowBit
+from adapterkit.methods.mask_tuning import MaskTuning
+from adapterkit.methods.splora import SPLoRA
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterKitError", "BitFit", "DoRA", "IA3", "LoRA", "NameInUseError", "ParBottleneck", "SeqBottleneck",
+    "LowBit", "MaskTuning", "SPLoRA",
     "Select", "SpecError", "StateError", "TargetError", "UnknownMethodError", "activate", "adapters", "attach",
     "detach", "explain", "is_merged", "load", "merge", "methods", "read", "save", "spec_class", "spec_from_dict",
     "train_only", "unmerge", "use",

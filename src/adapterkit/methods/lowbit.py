@@ -9,11 +9,11 @@ standard deviation (the paper's ``QLinear``):
     q(W^) = the Lloyd-Max level of N(0, 1) whose cell holds W^     (k = 1: +-sqrt(2 / pi) = +-0.798, threshold 0)
     W_q = (q(W^).detach() + W^ - W^.detach()) * sigma + mu          straight-through estimator; mu, sigma keep grads
 
-The float weights W are the trained latents. What is stored is the k-bit codes, bit-packed (ops/bitpack.py),
-and (mu, sigma) as two float32 numbers per matrix; biases and vectors stay float32. Loading dequantizes,
-W_q = level[code] * sigma + mu, which is bit-for-bit the weight the trained quantised forward used, so the loaded
-adapter gives exactly the saved one's outputs (until its latents are trained further: the stored codes are then
-dropped and the latents, set to W_q, are quantised again).
+The float weights W are the trained latents. What is stored is the k-bit codes, bit-packed (ops/bitpack.py), and
+(mu, sigma) as two float32 numbers per matrix (one tensor per adapter); biases and vectors stay float32. Loading
+dequantizes, W_q = level[code] * sigma + mu, which is bit-for-bit the weight the trained quantised forward used, so
+the loaded adapter gives exactly the saved one's outputs (until its latents are trained further: the stored codes
+are then dropped and the latents, set to W_q, are quantised again).
 
 Design: one spec over a named base method, ``LowBit(base=LoRA(r=8, alpha=16), bits=1)`` (Bi-LoRA) or
 ``LowBit(base=ParBottleneck(...), bits=1)`` (Bi-AdaptFormer's parallel bottleneck), reusing the base method's
@@ -73,8 +73,8 @@ class Quantizer(nn.Module):
         super().__init__()
         self.bits = bits
         levels, thresholds = lloyd_max_normal(bits)
-        self.register_buffer("levels", torch.tensor(levels), persistent=False)  # (2**k,)
-        self.register_buffer("thresholds", torch.tensor(thresholds), persistent=False)  # (2**k - 1,)
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.float64), persistent=False)  # (2**k,)
+        self.register_buffer("thresholds", torch.tensor(thresholds, dtype=torch.float64), persistent=False)
         # Codes and stats loaded from a file, valid while the latent is unchanged (its version counter).
         self.register_buffer("pinned_codes", None, persistent=False)
         self.register_buffer("pinned_stats", None, persistent=False)
@@ -169,14 +169,16 @@ class LowBitAdapter(nn.Module):
         return holder.original, holder[0]
 
     def packed_state(self) -> dict[str, Tensor]:
-        """k-bit codes (packed) and (mu, sigma) per quantised matrix; every other tensor as it is."""
+        """k-bit codes (packed) per quantised matrix, their (mu, sigma) in one (matrices, 2) tensor, the rest as is."""
         latents = {id(self._latent(p, n)[0]) for p, n in self.quantized}
         state = {k: v for k, v in self.inner.state_dict(keep_vars=True).items() if id(v) not in latents}
+        stats = []
         for path, pname in self.quantized:
             latent, quantizer = self._latent(path, pname)
-            codes, stats = quantizer.encode(latent)
-            key = f"{path}.{pname}" if path else pname
-            state[f"{key}.codes"], state[f"{key}.stats"] = pack(codes, self.spec.bits), stats
+            codes, pair = quantizer.encode(latent)
+            state[f"{path}.{pname}.codes" if path else f"{pname}.codes"] = pack(codes, self.spec.bits)
+            stats.append(pair)
+        state["stats"] = torch.stack(stats)  # (matrices, 2): one tensor, not one per matrix, keeps the file small
         return {k: v.detach() for k, v in state.items()}
 
     @torch.no_grad()
@@ -193,14 +195,14 @@ class LowBitAdapter(nn.Module):
         for key in expected:
             if key in own:
                 own[key].copy_(state[key])
-        for path, pname in self.quantized:
+        for index, (path, pname) in enumerate(self.quantized):
             latent, quantizer = self._latent(path, pname)
-            key = f"{path}.{pname}" if path else pname
+            key = f"{path}.{pname}.codes" if path else f"{pname}.codes"
             try:
-                codes = unpack(state[f"{key}.codes"], self.spec.bits, tuple(latent.shape)).to(latent.device)
+                codes = unpack(state[key], self.spec.bits, tuple(latent.shape)).to(latent.device)
             except BitpackError as exc:
-                raise ValueError(f"tensor {key}.codes: {exc}") from None
-            stats = state[f"{key}.stats"].to(latent.device, latent.dtype)
+                raise ValueError(f"tensor {key}: {exc}") from None
+            stats = state["stats"][index].to(latent.device, latent.dtype)
             latent.copy_(quantizer.decode(codes, stats))
             quantizer.pin(codes, stats, latent)
 

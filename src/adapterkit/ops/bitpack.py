@@ -58,7 +58,9 @@ def describe(packed: Tensor) -> tuple[int, tuple[int, ...]]:
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise BitpackError(f"not a packed tensor (expected 1-D uint8, got {packed.dim()}-D {packed.dtype})")
     raw = packed[: 3 + 4 * _MAX_NDIM].detach().cpu().numpy().tobytes()  # the header is at most this long
-    if len(raw) < 3 or raw[0] != MAGIC:
+    if len(raw) < 3:
+        raise BitpackError(f"header truncated ({len(raw)} bytes)")
+    if raw[0] != MAGIC:
         raise BitpackError("not a packed tensor (bad magic byte)")
     bits, ndim = raw[1], raw[2]
     if not 1 <= bits <= 8:
