@@ -69,6 +69,11 @@ def lloyd_max_normal(bits: int, iterations: int = 500) -> tuple[tuple[float, ...
 class Quantizer(nn.Module):
     """The parametrization W -> W_q (STE), plus the stored form (codes, (mu, sigma)) and its exact inverse."""
 
+    levels: Tensor  # (2**k,) float64
+    thresholds: Tensor  # (2**k - 1,) float64
+    pinned_codes: Tensor | None
+    pinned_stats: Tensor | None
+
     def __init__(self, bits: int) -> None:
         super().__init__()
         self.bits = bits
@@ -165,7 +170,8 @@ class LowBitAdapter(nn.Module):
         return self.inner(x, base_out)
 
     def _latent(self, path: str, pname: str) -> tuple[Tensor, Quantizer]:
-        holder = self.inner.get_submodule(path).parametrizations[pname]
+        owner: Any = self.inner.get_submodule(path)
+        holder = owner.parametrizations[pname]  # a ParametrizationList: .original and the Quantizer
         return holder.original, holder[0]
 
     def packed_state(self) -> dict[str, Tensor]:
@@ -211,7 +217,9 @@ class MergeableLowBitAdapter(LowBitAdapter):
     """Low-bit form of a mergeable base (LoRA): merges the quantised delta, s * B_q A_q."""
 
     def merge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return self.inner.merge(weight, bias)
+        inner: Any = self.inner  # a Mergeable adapter (checked in LowBit.build)
+        return inner.merge(weight, bias)
 
     def unmerge(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return self.inner.unmerge(weight, bias)
+        inner: Any = self.inner
+        return inner.unmerge(weight, bias)

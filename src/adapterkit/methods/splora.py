@@ -74,6 +74,7 @@ class SPLoRALinear(nn.Module):
     """Low-rank update, bias offset and output-channel mask of one Linear (Conv1D) layer."""
 
     site = Site.OUTPUT  # the mask multiplies the whole output, base included
+    keep: Tensor  # (out,) bool buffer: the channels that survive
 
     def __init__(self, spec: SPLoRA, base: nn.Module) -> None:
         super().__init__()
@@ -93,6 +94,7 @@ class SPLoRALinear(nn.Module):
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         h = F.linear(x, as_compute(self.rows, x))  # (..., r)
         bias = None if self.bias is None else as_compute(self.bias, x)
+        assert base_out is not None  # an OUTPUT adapter always gets the base output
         out = base_out + F.linear(h, as_compute(self.cols, x), bias)  # (..., out)
         if bool(self.keep.all()):
             return out
