@@ -41,8 +41,11 @@ from adapterkit.methods.bottleneck import ParBottleneck, SeqBottleneck
 from adapterkit.methods.dora import DoRA
 from adapterkit.methods.ia3 import IA3
 from adapterkit.methods.lora import LoRA
+from adapterkit.methods.lowbit import LowBit
 from adapterkit.methods.lt_sft import LTSFT
+from adapterkit.methods.mask_tuning import MaskTuning
 from adapterkit.methods.mosa import MoSA
+from adapterkit.methods.splora import SPLoRA
 
 __version__ = "0.1.0"
 
@@ -53,4 +56,5 @@ __all__ = [
     "combiners", "detach", "explain", "is_merged", "load", "merge", "methods", "read", "save", "spec_class",
     "spec_from_dict", "train_only", "unmerge", "use",
     "AdapterBit", "LTSFT", "MoSA",
+    "LowBit", "MaskTuning", "SPLoRA",
 ]

@@ -30,6 +30,14 @@ CASES: dict[str, list[tuple[str, ak.core.spec.AdapterSpec, list]]] = {  # type: 
              ("llama", ak.MoSA(hidden=8, experts=2, split="all", activation="gelu"), ["mlp"])],
     "adapterbit": [("bert", ak.AdapterBit(), ["attention.output.dense", "output.dense"]),
                    ("bert", ak.AdapterBit(reduction_factor=4), ["output.LayerNorm"])],
+    "lowbit": [("bert", ak.LowBit(ak.LoRA(r=4), bits=1), ["query", "value"]),
+               ("gpt2", ak.LowBit(ak.LoRA(r=2), bits=8), ["c_attn"]),
+               ("bert", ak.LowBit(ak.SeqBottleneck(reduction_factor=4), bits=2), ["output.LayerNorm"]),
+               ("llama", ak.LowBit(ak.ParBottleneck(hidden=8), bits=3), ["mlp"])],
+    "mask_tuning": [("bert", ak.MaskTuning(), ["query", "value", "attention.output.dense"]),
+                    ("gpt2", ak.MaskTuning(init=0.5, threshold=0.0), ["c_attn"])],
+    "splora": [("bert", ak.SPLoRA(r=4, init_range=0.0), ["intermediate.dense"]),
+               ("gpt2", ak.SPLoRA(r=2), ["c_fc"]), ("llama", ak.SPLoRA(r=2), ["gate_proj", "down_proj"])],
 }
 
 PARAMS = [pytest.param(kind, spec, targets, id=f"{method}-{kind}-{i}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     record, tensors = ak.read(args.adapter)
     folder = Path(args.adapter)
-    adapter_params = sum(t.numel() for k, t in tensors.items() if k.startswith("adapter."))
+    adapter_params = sum(_logical_numel(t) for k, t in tensors.items() if k.startswith("adapter."))
     module_params = sum(t.numel() for k, t in tensors.items() if k.startswith("module."))
     size = (folder / record["weights"]).stat().st_size
     print(f"adapter   {record['name']}  (format {record['format_version']})")
@@ -167,7 +168,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if record.get("modules"):
         print(f"modules   {', '.join(record['modules'])} ({module_params:,} parameters saved with it)")
     print(f"stored    {record['weights']}  {size:,} bytes  sha256 {record['weights_sha256'][:16]}")
+    stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("adapter."))
+    print(f"size      adapter tensors {stored:,} bytes stored, {4 * adapter_params:,} bytes as float32 "
+          f"({4 * adapter_params / max(stored, 1):.1f}x)")
     return 0
+
+
+def _logical_numel(tensor: Any) -> int:
+    """Values a stored tensor represents: a bit-packed tensor (ops/bitpack.py) counts its codes, not its bytes."""
+    from adapterkit.ops.bitpack import describe, is_packed
+
+    return math.prod(describe(tensor)[1]) if is_packed(tensor) else int(tensor.numel())
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

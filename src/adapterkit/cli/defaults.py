@@ -18,6 +18,9 @@ CANDIDATES: dict[str, list[list[str]]] = {
     # Pfeiffer placement: after each FFN (the post-norm of a BERT layer, or the mlp block of a pre-norm model)
     "seq_bn": [[r"re:.*layer\.\d+\.output\.LayerNorm"], ["mlp"]],
     "par_bn": [["mlp"]],
+    "lowbit": [["query", "value"], ["q_proj", "v_proj"], ["c_attn"], ["q", "v"]],  # its default base is LoRA
+    "mask_tuning": [["query", "key", "value"], ["q_proj", "k_proj", "v_proj"], ["c_attn"]],  # R-AMT: attention
+    "splora": [["intermediate.dense"], ["c_fc"], ["up_proj"]],  # FFN channels, the ones shrink() can remove
     "bitfit": [["query", "key", "value", "dense", "LayerNorm"], ["c_attn", "c_proj", "c_fc", "ln_1", "ln_2"]],
 }
 

@@ -13,6 +13,12 @@ base layer's (weight, bias) in (out, in, ...) layout to the merged ones and back
 ``delta_weight()``; that cannot express a re-normalised weight (W' = m * V / ||V||) or a scaling that also
 scales the bias exactly,
 so the contract is the pair of maps, and ``delta_weight()`` stays an optional extra for low-rank methods.
+
+Adapters whose stored form is not their ``state_dict`` (k-bit codes, binary masks, the surviving rows of a
+pruned layer) also implement ``packed_state()`` and ``load_packed(state)`` (the ``Packed`` protocol): save writes
+``packed_state()`` instead of the state dict, and load hands the stored tensors to ``load_packed``, which
+rebuilds the float tensors so that the loaded adapter computes exactly what the saved one did, and raises
+ValueError (one line, naming the tensor) for anything missing, mis-shaped or corrupted.
 """
 
 from __future__ import annotations
@@ -80,4 +86,17 @@ class Resizable(Protocol):
 
     def resize(self, state: Mapping[str, Tensor]) -> None:
         """Re-allocate to the saved tensors' shapes; raise ValueError (one line) if they are inconsistent."""
+        ...
+
+
+@runtime_checkable
+class Packed(Protocol):
+    """Adapters that store a compact form (bit-packed codes, kept rows) instead of their state dict."""
+
+    def packed_state(self) -> dict[str, Tensor]:
+        """The tensors to store, keyed by name (packed ones built with ops/bitpack.py)."""
+        ...
+
+    def load_packed(self, state: dict[str, Tensor]) -> None:
+        """Rebuild the adapter from ``packed_state()``'s output; ValueError naming the tensor if it cannot."""
         ...

@@ -24,7 +24,7 @@ from torch import nn
 
 from adapterkit.core.errors import StateError
 from adapterkit.core.host import HOST_ATTR, host_of
-from adapterkit.core.protocol import Resizable
+from adapterkit.core.protocol import Packed, Resizable
 from adapterkit.core.registry import spec_from_dict
 from adapterkit.inject.engine import adapter_names, attach, detach, hosts, placements, set_active
 from adapterkit.inject.fingerprint import module_fingerprint
@@ -77,7 +77,8 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, mod
         spec_dict = spec_dict or adapter.spec.to_dict()
         targets.append(mpath)
         fingerprint[mpath] = host.fingerprint
-        for pname, tensor in adapter.state_dict().items():
+        state = adapter.packed_state() if isinstance(adapter, Packed) else adapter.state_dict()
+        for pname, tensor in state.items():
             tensors[f"adapter.{mpath}.{pname}"] = tensor.detach().to("cpu").contiguous()
     extra, head_tensors = module_tensors(model, modules, "module.")
     tensors.update(head_tensors)
@@ -186,6 +187,12 @@ def _copy_tensors(model: nn.Module, name: str, record: dict[str, Any], tensors: 
                 adapter.resize(own)
             except ValueError as exc:
                 raise StateError(f"{path}: adapter at {mpath}: {exc}") from None
+        if isinstance(adapter, Packed):  # compact stored form (core/protocol.py): the adapter rebuilds itself
+            try:
+                adapter.load_packed(own)
+            except ValueError as exc:
+                raise StateError(f"{Path(path) / record['weights']}: adapter at {mpath}: {exc}") from None
+            continue
         _load_state(adapter, own, f"{path}: adapter at {mpath}")
     modules = dict(model.named_modules())
     for mpath in record.get("modules", []):
