@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,10 +22,11 @@ from adapterkit.compose.poly import Poly, PolyRouter, mix_factors
 from adapterkit.core.blocks import TaskRoute
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.inject.engine import attach, placements
+from adapterkit.inject.select import Targets
 from adapterkit.methods.lora import LoRA
 
 
-def attach_poly(model: nn.Module, name: str, skill: LoRA, targets: object, n_tasks: int, n_skills: int = 4,
+def attach_poly(model: nn.Module, name: str, skill: LoRA, targets: Targets, n_tasks: int, n_skills: int = 4,
                 n_splits: int = 1, sampling: str = "relaxed_bernoulli") -> TaskRoute:
     """Attach skills ``{name}_skill0 ..`` (LoRAs from ``skill``) and the router ``name``; return their block.
 
@@ -53,7 +55,7 @@ def _init_per_head(a: Tensor, heads: int) -> None:
             block.uniform_(-bound, bound)
 
 
-def _routers(model: nn.Module, block: TaskRoute) -> list[tuple[str, PolyRouter, list[nn.Module]]]:
+def _routers(model: nn.Module, block: TaskRoute) -> list[tuple[str, PolyRouter, list[Any]]]:
     """(path, router, skills) for each module the block's router is on."""
     if not isinstance(block, TaskRoute):
         raise AdapterKitError(f"expected a TaskRoute block, got {type(block).__name__}")
@@ -62,7 +64,7 @@ def _routers(model: nn.Module, block: TaskRoute) -> list[tuple[str, PolyRouter, 
         router = host.adapter(block.name)
         if not isinstance(router, PolyRouter):
             raise AdapterKitError(f"{block.name!r} at {path!r} is a {router.spec.method}, not a poly router")
-        skills = [host._modules.get(child) for child in block.children]
+        skills: list[Any] = [host._modules.get(child) for child in block.children]
         missing = [c for c, s in zip(block.children, skills) if s is None]
         if missing:
             raise AdapterKitError(f"{block.name!r} at {path!r}: skills {missing} are not attached there")
