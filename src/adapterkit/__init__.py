@@ -10,7 +10,6 @@ from adapterkit import compose as _compose  # noqa: F401  (registers every combi
 from adapterkit import methods as _methods  # noqa: F401  (registers every method)
 from adapterkit.api import activate, adapters, use
 from adapterkit.compose.poly import Poly
-from adapterkit.compose.poly_tools import attach_poly, mhr_mu, mhr_z, task_routing
 from adapterkit.core.blocks import (
     Average,
     Fuse,
@@ -42,6 +41,7 @@ from adapterkit.methods.bottleneck import ParBottleneck, SeqBottleneck
 from adapterkit.methods.dora import DoRA
 from adapterkit.methods.ia3 import IA3
 from adapterkit.methods.lora import LoRA
+from adapterkit.train.poly_tools import attach_poly, mhr_mu, mhr_z, task_routing
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,6 @@ __all__ = [
     "TargetError", "TaskRoute", "UnknownMethodError", "activate", "adapters", "attach", "block_from_dict",
     "combiners", "detach", "explain", "is_merged", "load", "merge", "methods", "read", "save", "spec_class",
     "spec_from_dict", "train_only", "unmerge", "use",
-    # Poly / MHR (compose/poly.py, compose/poly_tools.py)
+    # Poly / MHR (compose/poly.py, train/poly_tools.py)
     "Poly", "attach_poly", "mhr_mu", "mhr_z", "task_routing",
 ]

@@ -242,7 +242,7 @@ def _routing_model(model_dir: str, adapters: list[str]) -> Any:
 
 
 def cmd_plot_routing(args: argparse.Namespace) -> int:
-    from adapterkit.train.routing_plot import plot_model_routing
+    from adapterkit.cli.plot_routing import plot_model_routing
 
     text = args.block
     if text.endswith(".json"):

@@ -14,7 +14,7 @@ task t, with z = Z[t] viewed as (h, m):
 
 Poly is h = 1, MHR h > 1. The layout, router init (Z ~ U(-1e-3, 1e-3)), sampling and normalisation follow peft's
 ``tuners/poly``; with skills ``LoRA(r, alpha=1.0)`` the outputs equal peft's ``poly`` (tests/compose/test_poly.py).
-MHR-z and MHR-mu (few-shot adaptation) are ``mhr_z`` and ``mhr_mu`` in compose/poly_tools.py.
+MHR-z and MHR-mu (few-shot adaptation) are ``mhr_z`` and ``mhr_mu`` in train/poly_tools.py.
 """
 
 from __future__ import annotations
