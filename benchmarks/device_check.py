@@ -1,7 +1,10 @@
 """One-shot GPU check: the test suite on the lent machine's stack (transformers 5.x), CUDA parity with peft,
-and LoRA training-step time / peak memory on a 1.1B Llama-shaped model, printed as one short table.
+LoRA training-step time / peak memory on a 1.1B Llama-shaped model, the Triton multi-adapter LoRA kernels run
+natively (no interpreter) against float64 and the torch path, and the multi-adapter serving table (Select via Triton
+vs the torch gathered path vs peft vs the base model), printed as short tables.
 
 Runs from the source tree with nothing installed:  PYTHONPATH=src:. python benchmarks/device_check.py
+A shorter slot, kernels and serving only:  ... device_check.py --skip-tests --skip-train --multi-n 16 64
 Shapes follow the issues: hidden 2048, 22 layers, intermediate 5632, 32 heads (4 KV), vocab 32000, bf16 weights,
 LoRA r=16 on all 7 linear projections, AdamW, batch 8 x 1024, median of --steps steps after 3 warm-up steps.
 """
@@ -9,6 +12,7 @@ LoRA r=16 on all 7 linear projections, AdamW, batch 8 x 1024, median of --steps 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -28,6 +32,33 @@ def run_tests() -> str:
     lines = out.stdout.strip().splitlines()
     failures = [ln for ln in lines if ln.startswith("FAILED") or ln.startswith("ERROR")]
     return "\n".join(failures[:15] + lines[-1:])
+
+
+def kernel_checks() -> None:
+    """The kernel checks of tests/ops natively on this GPU (fp32, bf16, fp16; also 1.1B projection shapes)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ADAPTERKIT_KERNELS")}
+    env["PYTHONPATH"] = "src:."
+    out = subprocess.run([sys.executable, "-m", "tests.ops.kernel_checks", "--device", "cuda"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    if out.returncode:
+        print("Triton kernel checks FAILED:", out.stderr.strip()[-1500:], flush=True)
+        return
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n{'Triton kernels (native)':<32} {'rel err vs float64':>18} {'vs torch path':>14}")
+    for name, numbers in results.items():
+        if isinstance(numbers, dict):
+            first = numbers.get("vs_float64", numbers.get("rows_alone_max_rel", float("nan")))
+            print(f"{name:<32} {first:>18.2e} {numbers.get('vs_torch', float('nan')):>14.2e}")
+    print(flush=True)
+
+
+def multi_adapter(ns: list[int]) -> None:
+    """benchmarks/multi_adapter.py on the 1.1B shape; its table (Select = Triton, Sel.torch = gathered path)."""
+    out = subprocess.run([sys.executable, "benchmarks/multi_adapter.py", "--shape", "1.1b", "--n", *map(str, ns),
+                          "--repeats", "5"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src:."},
+                         timeout=560)
+    lines = out.stdout.strip().splitlines()
+    print("\n".join(lines if out.returncode == 0 else lines[-5:] + [out.stderr.strip()[-1500:]]), flush=True)
 
 
 def llama(hidden: int, layers: int, inter: int, heads: int, kv: int, vocab: int):
@@ -127,6 +158,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--multi-n", type=int, nargs="*", default=[1, 16, 64],
+                        help="adapters counts for the multi-adapter table (none: skip it)")
     args = parser.parse_args()
     import transformers
 
@@ -134,6 +168,11 @@ def main() -> None:
     if not args.skip_tests:
         print("tests:", run_tests(), flush=True)
     print(f"CUDA bf16 LoRA parity with peft (relative error): {cuda_parity():.2e}", flush=True)
+    kernel_checks()
+    if args.multi_n:
+        multi_adapter(args.multi_n)
+    if args.skip_train:
+        return
     rows = train_speed(args.steps)
     floor_ms, floor_gib = rows[0][1], rows[0][2]
     print(f"\n{'run':<22} {'ms/step':>8} {'x floor':>8} {'peak GiB':>9} {'x floor':>8}")

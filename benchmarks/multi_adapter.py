@@ -2,8 +2,11 @@
 
 A random Llama-shaped model with N LoRA adapters (r=16 on all 7 projections, non-zero B); row i of the batch uses
 adapter i mod N. Prefill: rows x 32 tokens (GPU: x 512); decode: rows x 1 token (one step, no cache). rows =
-max(N, 4) at prefill and max(N, 8) at decode. The three variants are timed interleaved in one process; medians;
-ratios to the base model printed. Outputs of Select and peft are checked equal before timing.
+max(N, 4) at prefill and max(N, 8) at decode. The variants are timed interleaved in one process; medians;
+ratios to the base model printed. Outputs of Select and peft are checked equal before timing. On CUDA with triton
+installed, Select runs the Triton kernels (ADAPTERKIT_KERNELS=triton) and a fourth column, Sel.torch, times the
+torch gathered path (ADAPTERKIT_KERNELS=torch) beside it; under TRITON_INTERPRET=1 on a CPU the same columns check
+the benchmark's plumbing and correctness (interpreted kernels: their times mean nothing).
 
     python benchmarks/multi_adapter.py                      # CPU: hidden 768, 6 layers, fp32
     python benchmarks/multi_adapter.py --shape 1.1b         # GPU: hidden 2048, 22 layers, bf16
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
+import os
 import statistics
 import time
 
@@ -67,15 +72,19 @@ def measure(shape: str, n: int, device: str, dtype: torch.dtype, repeats: int) -
     if device == "cpu":
         tokens = 32
     results = {}
+    kernels = importlib.util.find_spec("triton") is not None and (
+        device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
     for phase, rows, length in (("prefill", max(n, prefill_rows), tokens), ("decode", max(n, decode_rows), 1)):
         ids = torch.randint(0, 32000, (rows, length), device=device)
         names = [f"a{i % n}" for i in range(rows)]
         select = ak.Select(names)
         runs = {
             "base": lambda ids=ids: base(input_ids=ids).logits,
-            "adapterkit": lambda ids=ids, select=select: _with(ours, select, ids),
+            "adapterkit": lambda ids=ids, select=select: _with(ours, select, ids, "triton" if kernels else None),
             "peft": lambda ids=ids, names=names: theirs(input_ids=ids, adapter_names=names).logits,
         }
+        if kernels:  # the Triton kernels (above) vs the torch gathered path
+            runs["adapterkit torch"] = lambda ids=ids, select=select: _with(ours, select, ids, kernels="torch")
         with torch.inference_mode():
             mixed, plain = runs["adapterkit"]().float(), runs["base"]().float()
             worst, floor = 0.0, 0.0
@@ -91,6 +100,9 @@ def measure(shape: str, n: int, device: str, dtype: torch.dtype, repeats: int) -
             # peft's arithmetic rounds differently in bf16, and 22 random layers amplify it: reported, not asserted
             other = runs["peft"]().float()
             results[f"{phase} peft relative difference"] = ((mixed - other).norm() / other.norm()).item()
+            if "adapterkit torch" in runs:
+                gathered = runs["adapterkit torch"]().float()
+                results[f"{phase} triton vs torch path"] = ((mixed - gathered).norm() / gathered.norm()).item()
             times: dict[str, list[float]] = {k: [] for k in runs}
             for _ in range(repeats + 1):
                 for key, fn in runs.items():
@@ -105,14 +117,22 @@ def measure(shape: str, n: int, device: str, dtype: torch.dtype, repeats: int) -
         results[f"{phase} base ms"] = 1000 * med["base"]
         results[f"{phase} adapterkit x"] = med["adapterkit"] / med["base"]
         results[f"{phase} peft x"] = med["peft"] / med["base"]
+        if "adapterkit torch" in med:
+            results[f"{phase} adapterkit torch x"] = med["adapterkit torch"] / med["base"]
     return results
 
 
-def _with(model, select, ids):
+def _with(model, select, ids, kernels: str | None = None):
     import adapterkit as ak
 
-    with ak.use(model, select):
-        return model(input_ids=ids).logits
+    if kernels:
+        os.environ["ADAPTERKIT_KERNELS"] = kernels
+    try:
+        with ak.use(model, select):
+            return model(input_ids=ids).logits
+    finally:
+        if kernels:
+            del os.environ["ADAPTERKIT_KERNELS"]
 
 
 def main() -> None:
@@ -131,11 +151,15 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\n{args.shape} Llama shape, {dtype}, {name}; LoRA r=16 on 7 projections; time / base model")
-    print(f"{'N':>3} {'prefill base ms':>16} {'Select':>7} {'peft':>7} "
-          f"{'decode base ms':>15} {'Select':>7} {'peft':>7}")
+    both = "prefill adapterkit torch x" in rows[0]  # Select = Triton kernels, Sel.torch = gathered path
+    extra = f" {'Sel.torch':>9}" if both else ""
+    print(f"{'N':>3} {'prefill base ms':>16} {'Select':>7}{extra} {'peft':>7} "
+          f"{'decode base ms':>15} {'Select':>7}{extra} {'peft':>7}")
     for r in rows:
-        print(f"{r['N']:>3} {r['prefill base ms']:>16.1f} {r['prefill adapterkit x']:>7.2f} "
-              f"{r['prefill peft x']:>7.2f} {r['decode base ms']:>15.2f} {r['decode adapterkit x']:>7.2f} "
+        pre = f" {r['prefill adapterkit torch x']:>9.2f}" if both else ""
+        dec = f" {r['decode adapterkit torch x']:>9.2f}" if both else ""
+        print(f"{r['N']:>3} {r['prefill base ms']:>16.1f} {r['prefill adapterkit x']:>7.2f}{pre} "
+              f"{r['prefill peft x']:>7.2f} {r['decode base ms']:>15.2f} {r['decode adapterkit x']:>7.2f}{dec} "
               f"{r['decode peft x']:>7.2f}")
     if args.json:
         with open(args.json, "w") as handle:

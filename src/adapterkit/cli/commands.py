@@ -113,7 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                          max_steps=args.max_steps, seed=args.seed, head=[h for h in args.head.split(",") if h],
                          grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
-                         precision=args.precision, checkpoint_every=args.checkpoint_every)
+                         precision=args.precision, checkpoint_every=args.checkpoint_every,
+                         parallel=args.parallel)
     plan = ak.explain(model, targets, spec)
     print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(targets)}): "
           f"{plan.adapter_params:,} adapter parameters")

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bf16 autocast for the model's compute; adapter weights stay float32 (default fp32)")
     group.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                        help="write a resumable checkpoint to OUT/checkpoint.safetensors every N steps")
+    group.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                       help="under torchrun / accelerate launch: ddp replicates the model in every process, fsdp "
+                            "shards the frozen base and the adapters across them (default ddp)")
     group.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint.safetensors (same result as an uninterrupted run)")
 

@@ -112,7 +112,8 @@ class Host(nn.Module):
             chosen = [self._modules.get(n) for n in plan.names]
             if not any(chosen):
                 return None
-            new = apply_select(chosen, plan.slots_for(x), x, hidden, self.select_cache)
+            new = apply_select(chosen, plan.slots_for(x), x, hidden, self.select_cache,
+                               inplace=self._inplace and hidden is output)
         else:
             adapters = self.running()
             if not adapters:

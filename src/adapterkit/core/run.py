@@ -41,18 +41,19 @@ def apply_outputs(adapters: Sequence[nn.Module], x: Tensor, out: Tensor, inplace
     return out
 
 
-def apply_select(adapters: Sequence[Any], slots: Tensor, x: Tensor, out: Tensor, cache: dict[str, Any]) -> Tensor:
+def apply_select(adapters: Sequence[Any], slots: Tensor, x: Tensor, out: Tensor, cache: dict[str, Any],
+                 inplace: bool = False) -> Tensor:
     """One adapter per row: ``adapters[slots[b]]`` for row b (None, or slot len(adapters): the base output).
 
     When every adapter is of one type that offers ``batched_delta`` (a method's batched form), all rows run in one
-    gathered computation. Otherwise each adapter runs on its own rows: correct for every method, one pass per
-    adapter.
+    gathered computation, which adds into ``out`` in place when the host allows it (``inplace``, as in
+    ``apply_outputs``). Otherwise each adapter runs on its own rows: correct for every method, one pass per adapter.
     """
     present = [a for a in adapters if a is not None]
     kinds = {type(a) for a in present}
     batched = getattr(next(iter(kinds)), "batched_delta", None) if len(kinds) == 1 else None
     if batched is not None and present[0].site is Site.PARALLEL:
-        return out + batched(adapters, x, slots, cache)
+        return batched(adapters, x, slots, cache, out) if inplace else out + batched(adapters, x, slots, cache)
     result = out
     for index, adapter in enumerate(adapters):
         if adapter is None:

@@ -42,6 +42,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward (HF models)
     precision: str = "fp32"  # "fp32", or "bf16" autocast (adapter weights stay float32 masters)
     checkpoint_every: int | None = None  # write a resumable checkpoint every N optimizer steps
+    parallel: str = "ddp"  # with several processes: "ddp" (replicate the model) or "fsdp" (shard it)
 
 
 @dataclass
@@ -107,7 +108,7 @@ def seed_everything(seed: int) -> None:
 def _micro_batches(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, parts: int, dist: Parallel):
     """This process's rows of a global batch, in ``parts`` micro-batches, each with its weight in the batch mean."""
     rows = ids.shape[0]
-    for chunk in dist.shard(torch.arange(rows)).chunk(parts):
+    for chunk in dist.rows(torch.arange(rows)).chunk(parts):
         if len(chunk):
             yield ids[chunk], mask[chunk], labels[chunk], len(chunk) / rows
 
@@ -126,9 +127,12 @@ def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTa
     total = steps_per_epoch * config.epochs
     if config.max_steps:
         total = min(total, config.max_steps)
+    dist = dist or Parallel(config.parallel)
+    if dist.sharded and config.checkpoint_every:
+        raise AdapterKitError("resumable checkpoints are not supported with --parallel fsdp yet; use ddp")
+    dist.shard(model)  # FSDP replaces the parameters with shards: before the optimizer takes them
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    dist = dist or Parallel()
     warm = max(1, int(config.warmup * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
@@ -201,7 +205,7 @@ def fit(model: nn.Module, tokenizer: Any, name: str, spec: AdapterSpec, targets:
     check_writable(out)
     attach(model, name, spec, targets)
     trainable = train_only(model, name, also=config.head)
-    dist = Parallel()
+    dist = Parallel(config.parallel)
     history, seconds = run_training(model, tokenizer, train, dev, config, desc=f"train {name}",
                                     checkpoint=out / "checkpoint.safetensors", resume=resume, dist=dist)
     metrics = {
@@ -212,10 +216,12 @@ def fit(model: nn.Module, tokenizer: Any, name: str, spec: AdapterSpec, targets:
         "steps": history["step"][-1] if history["step"] else 0,
         "history": history,
     }
-    if not dist.is_main:  # replicated weights: the main process writes everything
+    with dist.full_weights(model):  # every process gathers (FSDP); the main process writes
+        if dist.is_main:
+            save(model, out / "adapter", name, modules=tuple(config.head))
+    if not dist.is_main:
         dist.barrier()
         return metrics
-    save(model, out / "adapter", name, modules=tuple(config.head))
     record = {"config": asdict(config), "method": spec.to_dict(), **(extra_record or {})}
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
     atomic_write(out / "run.json", (json.dumps(record, indent=2) + "\n").encode())
