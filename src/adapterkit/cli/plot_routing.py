@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from adapterkit.api import use
 from adapterkit.core.errors import AdapterKitError
+from adapterkit.inject.use import use
 from adapterkit.train.poly_tools import task_routing
 from adapterkit.train.routing_plot import plot_routing, plot_task_routing
 
