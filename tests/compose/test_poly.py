@@ -194,3 +194,28 @@ def test_task_routing_table_has_every_task() -> None:
         torch.testing.assert_close(weights.sum(-1), torch.ones(3, 2))
     with pytest.raises(AdapterKitError, match="is a lora, not a poly router"):
         ak.task_routing(model, "poly_skill0")
+
+
+def test_multitask_classifier_learns_with_a_poly_block() -> None:
+    from adapterkit.train.multitask import MultiTaskClassifier
+
+    torch.manual_seed(0)
+    encoder = make_tiny("bert").bert
+    block = ak.attach_poly(encoder, "poly", ak.LoRA(r=4), ["query", "value"], n_tasks=2, n_skills=3, n_splits=2)
+    ak.train_only(encoder, ["poly", *block.children])
+    model = MultiTaskClassifier(encoder, {"a": 2, "b": 3}, block=block, dropout=0.0)
+    ids, mask = tokens(batch=6), torch.ones(6, 8, dtype=torch.long)
+    task_ids, labels = torch.tensor([0, 1, 0, 1, 0, 1]), torch.tensor([0, 2, 1, 0, 1, 1])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        out = model(ids, mask, task_ids, labels)
+        assert out.loss is not None
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.8 * losses[0]  # (relaxed-Bernoulli routing samples keep the loss noisy)
+    start = {p: host.adapter("poly").module_logits for p, _, host in placements(encoder, "poly")}
+    assert all(logits_.abs().max() > 1e-2 for logits_ in start.values())  # the routing moved off its 1e-3 init
+    assert out.logits.shape == (6, 3) and torch.isinf(out.logits[0, 2])  # task a has 2 labels: the third is -inf
