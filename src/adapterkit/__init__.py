@@ -9,6 +9,7 @@
 from adapterkit import compose as _compose  # noqa: F401  (registers every combiner)
 from adapterkit import methods as _methods  # noqa: F401  (registers every method)
 from adapterkit.api import activate, adapters, use
+from adapterkit.compose.poly import Poly
 from adapterkit.core.blocks import (
     Average,
     Fuse,
@@ -46,6 +47,7 @@ from adapterkit.methods.lt_sft import LTSFT
 from adapterkit.methods.mask_tuning import MaskTuning
 from adapterkit.methods.mosa import MoSA
 from adapterkit.methods.splora import SPLoRA
+from adapterkit.train.poly_tools import attach_poly, mhr_mu, mhr_z, task_routing
 
 __version__ = "0.1.0"
 
@@ -57,4 +59,6 @@ __all__ = [
     "spec_from_dict", "train_only", "unmerge", "use",
     "AdapterBit", "LTSFT", "MoSA",
     "LowBit", "MaskTuning", "SPLoRA",
+    # Poly / MHR (compose/poly.py, train/poly_tools.py)
+    "Poly", "attach_poly", "mhr_mu", "mhr_z", "task_routing",
 ]

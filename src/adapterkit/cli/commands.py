@@ -258,3 +258,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, args.adapters, host=args.host, port=args.port, task=args.task, device=args.device,
           max_resident=args.max_resident, config=config)
     return 0
+
+
+def _routing_model(model_dir: str, adapters: list[str]) -> Any:
+    """The base model the adapters were saved on: the bare encoder, or a classifier when they target one."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    if not Path(model_dir, "config.json").is_file():
+        raise AdapterKitError(f"--model {model_dir}: not a Hugging Face model folder (no config.json)")
+    logging.set_verbosity_error()
+    model = AutoModel.from_pretrained(model_dir)
+    record, tensors = ak.read(adapters[0])
+    if record["targets"][0] in dict(model.named_modules()):
+        return model
+    heads = [t for k, t in tensors.items() if k.startswith("module.") and k.endswith(".weight")]
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=heads[0].shape[0] if heads else 2)
+
+
+def cmd_plot_routing(args: argparse.Namespace) -> int:
+    from adapterkit.cli.plot_routing import plot_model_routing
+
+    text = args.block
+    if text.endswith(".json"):
+        try:
+            text = Path(text).read_text()
+        except OSError as exc:
+            raise AdapterKitError(f"--block {args.block}: cannot read ({exc.strerror or exc})") from None
+    try:
+        block = ak.block_from_dict(json.loads(text), where="--block")
+    except json.JSONDecodeError as exc:
+        raise AdapterKitError(f"--block: not valid JSON ({exc})") from None
+    model_dir = args.model or default_model_dir()
+    model = _routing_model(model_dir, args.adapter).eval()
+    for folder in args.adapter:
+        ak.load(model, folder)
+    tokenizer = None
+    if any(b.kind != "task_route" for b, _ in block.combiners()):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+    written = plot_model_routing(model, block, args.out, tokenizer, args.text, args.task_id, tasks)
+    print("routing heat map written to " + ", ".join(str(p) for p in written))
+    return 0

@@ -22,7 +22,8 @@ EPILOG = """examples:
   adapterkit merge runs/sst2-lora --out merged/      # a plain transformers model directory
   adapterkit export runs/sst2-lora --out peft/       # peft's format (peft, vLLM, LoRAX load it)
   adapterkit explain --method lora --targets query,value
-  adapterkit serve --model DIR --adapters runs/ --port 8000   # HTTP server, many adapters batched together"""
+  adapterkit serve --model DIR --adapters runs/ --port 8000   # HTTP server, many adapters batched together
+  adapterkit plot-routing --adapter poly/ skills/* --block block.json --out routing.png"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the registered methods and their parameters")
     _serve_parser(sub)
+
+    plot = sub.add_parser("plot-routing", help="PNG heat map of a composition block's routing weights",
+                          description="Load a base model and saved adapters/combiners, and draw the routing "
+                                      "weights of the block: per task and skill for TaskRoute (Poly/MHR), per token "
+                                      "and layer for token-level routers (one forward on --text).")
+    _model_args(plot)
+    plot.add_argument("--adapter", nargs="+", required=True, metavar="DIR",
+                      help="saved adapter and combiner folders the block uses")
+    plot.add_argument("--block", required=True, metavar="JSON",
+                      help="the block as JSON, or a .json file holding it (block.to_dict())")
+    plot.add_argument("--text", default="The movie was not bad at all, I liked it.", help="text for token routers")
+    plot.add_argument("--task-id", type=int, default=0, help="task id of --text for blocks that route by task")
+    plot.add_argument("--tasks", default=None, metavar="LIST", help="comma-separated task names, in task-id order")
+    plot.add_argument("--out", default="routing.png", metavar="PNG", help="output file (default routing.png)")
     return parser
 
 
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from adapterkit.cli import commands
 
     try:
-        return getattr(commands, f"cmd_{args.command.replace('import', 'import_')}")(args)
+        return getattr(commands, f"cmd_{args.command.replace('import', 'import_').replace('-', '_')}")(args)
     except AdapterKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

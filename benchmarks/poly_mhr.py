@@ -1,0 +1,213 @@
+"""Poly vs MHR vs one shared LoRA in multi-task training, then few-shot adaptation to a held-out task.
+
+Stage 1 (multi-task): all-MiniLM-L6-v2 (AutoModel) with one head per task (``MultiTaskClassifier``), trained on
+the shuffled union of SST-2, SUBJ and TREC subsets with (a) one shared LoRA, (b) Poly (n_splits=1) and
+(c) MHR (n_splits=8): m=4 LoRA skills of the shared LoRA's rank on query/value, a task id per example.
+Stage 2 (few-shot, held-out MR): a fresh head plus (a) a LoRA from scratch, (b) the multi-task shared LoRA
+fine-tuned, (c) MHR-z (a fresh routing row over the frozen MHR skills), (d) MHR-mu (MHR's skills averaged into one
+LoRA, fine-tuned), and optionally the same z / mu from Poly.
+
+Learning rates follow mttl (Caccia et al. 2023): routing logits 0.1 without weight decay; adapters and
+heads 2e-3 (mttl: 1e-3; raised because every run here is only a few dozen steps).
+Nothing is tuned on the dev sets reported. Usage:
+    PYTHONPATH=../src ADAPTERKIT_NO_PROGRESS=1 python poly_mhr.py [--seeds 0 1] [--rows 200] [--shots 128]
+(one process per seed with --seeds N --threads 1, then --summarise, merges the per-seed files)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging
+
+import adapterkit as ak
+from _common import minilm_dir
+from adapterkit.compose.poly import PolyRouter
+from adapterkit.train.loop import encode, seed_everything
+from adapterkit.train.multitask import MultiTaskClassifier, evaluate_multitask
+from adapterkit.train.routing_plot import plot_task_routing
+from tasks import SPLIT_SEED, load_task, subset
+
+TASKS = ("sst2", "subj", "trec")
+HELD_OUT = "mr"
+TARGETS = ["query", "value"]
+SKILL = ak.LoRA(r=8, alpha=16.0)
+SKILLS, SPLITS = 4, 8
+LR, ROUTER_LR = 2e-3, 0.1
+BATCH, MAX_LENGTH = 32, 32
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def _encoder(seed: int) -> torch.nn.Module:
+    seed_everything(seed)
+    logging.set_verbosity_error()
+    return AutoModel.from_pretrained(minilm_dir())
+
+
+def _batches(encoded: list[Any], rows: list[tuple[int, int]], pad: int):
+    for start in range(0, len(rows), BATCH):
+        chunk = rows[start:start + BATCH]
+        width = max(len(encoded[t].ids[r]) for t, r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (t, r) in enumerate(chunk):
+            seq = encoded[t].ids[r]
+            ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
+        labels = torch.stack([encoded[t].labels[r] for t, r in chunk])
+        yield ids, mask, torch.tensor([t for t, _ in chunk]), labels
+
+
+def train(model: MultiTaskClassifier, tables: list[Any], devs: list[Any], epochs: int, seed: int, pad: int
+          ) -> dict[str, Any]:
+    """AdamW, warmup 6% then linear decay; router logits in their own group (mttl's lr 0.1, no decay)."""
+    routers = {id(p) for m in model.modules() if isinstance(m, PolyRouter) for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in routers], "lr": LR, "weight_decay": 0.01},
+              {"params": [p for p in params if id(p) in routers], "lr": ROUTER_LR, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+    rows = [(t, r) for t, table in enumerate(tables) for r in range(len(table.ids))]
+    total = math.ceil(len(rows) / BATCH) * epochs
+    warm = max(1, int(0.06 * total))
+    decay = max(1, total - warm)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warm, (total - s) / decay))
+    order = random.Random(seed)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order.shuffle(rows)
+        for ids, mask, task_ids, labels in _batches(tables, rows, pad):
+            out = model(ids, mask, task_ids, labels)
+            out.loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    accuracy = evaluate_multitask(model, devs, 64, pad)
+    return {"dev_accuracy": {k: round(v, 2) for k, v in accuracy.items()},
+            "mean_accuracy": round(statistics.mean(accuracy.values()), 2), "train_seconds": round(seconds, 1),
+            "trainable": sum(p.numel() for p in params), "steps": total}
+
+
+def multitask(kind: str, seed: int, data: dict[str, Any], pad: int, epochs: int) -> tuple[dict[str, Any], Any, Any]:
+    encoder = _encoder(seed)
+    if kind == "lora":
+        ak.attach(encoder, "shared", SKILL, TARGETS)
+        ak.train_only(encoder, "shared")
+        ak.activate(encoder, "shared")
+        block = None
+    else:
+        block = ak.attach_poly(encoder, kind, SKILL, TARGETS, n_tasks=len(TASKS), n_skills=SKILLS,
+                               n_splits=1 if kind == "poly" else SPLITS)
+        ak.train_only(encoder, [kind, *block.children])
+    model = MultiTaskClassifier(encoder, {t: data[t]["labels"] for t in TASKS}, block=block)
+    result = train(model, [data[t]["train"] for t in TASKS], [data[t]["dev"] for t in TASKS], epochs, seed, pad)
+    return result, encoder, block
+
+
+def few_shot(kind: str, source: Any, seed: int, data: dict[str, Any], pad: int, epochs: int) -> dict[str, Any]:
+    """Adapt to the held-out task; ``source`` is (encoder, block) of a multi-task run (None: from scratch)."""
+    seed_everything(seed)
+    block = None
+    if kind == "lora-scratch":
+        encoder = _encoder(seed)
+        ak.attach(encoder, "lora", SKILL, TARGETS)
+        ak.train_only(encoder, "lora")
+        ak.activate(encoder, "lora")
+    else:
+        encoder, trained = copy.deepcopy(source[0]), source[1]
+        if kind == "shared-lora-ft":
+            ak.train_only(encoder, "shared")
+        elif kind.endswith("-z"):
+            block = ak.mhr_z(encoder, trained, "z")
+            ak.train_only(encoder, "z")
+        else:  # "-mu"
+            ak.mhr_mu(encoder, trained, "mu")
+            ak.train_only(encoder, "mu")
+            ak.activate(encoder, "mu")
+    model = MultiTaskClassifier(encoder, {HELD_OUT: data[HELD_OUT]["labels"]}, block=block)
+    shots = data[HELD_OUT]
+    result = train(model, [shots["train"]], [shots["dev"]], epochs, seed, pad)
+    return {"dev_accuracy": result["dev_accuracy"][HELD_OUT], "trainable": result["trainable"],
+            "train_seconds": result["train_seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--rows", type=int, default=256, help="training rows per multi-task task")
+    parser.add_argument("--dev-rows", type=int, default=300, help="dev rows per multi-task task (fixed subset)")
+    parser.add_argument("--shots", type=int, default=128, help="training rows of the held-out task")
+    parser.add_argument("--fs-epochs", type=int, default=8)
+    parser.add_argument("--mt-epochs", type=int, default=3)
+    parser.add_argument("--poly-few-shot", choices=["skip", "run"], default="skip",
+                        help="also adapt the Poly model with z / mu (MHR always)")
+    parser.add_argument("--fs-dev-rows", type=int, default=500, help="dev rows of the held-out task (fixed subset)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--summarise", action="store_true", help="only merge results/poly_mhr.seed*.json")
+    args = parser.parse_args()
+    if args.summarise:
+        summarise()
+        return
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    pad = tokenizer.pad_token_id or 0
+    tasks = {name: load_task(name) for name in (*TASKS, HELD_OUT)}
+    runs: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        data = {}
+        for name, task in tasks.items():
+            rows = args.shots if name == HELD_OUT else args.rows
+            dev = subset(task.dev, args.fs_dev_rows if name == HELD_OUT else args.dev_rows, SPLIT_SEED)
+            data[name] = {"train": encode(tokenizer, subset(task.train, rows, seed), MAX_LENGTH),
+                          "dev": encode(tokenizer, dev, MAX_LENGTH), "labels": task.num_labels}
+        trained = {}
+        for kind in ("lora", "poly", "mhr"):
+            result, encoder, block = multitask(kind, seed, data, pad, args.mt_epochs)
+            trained[kind] = (encoder, block)
+            runs.append({"stage": "multitask", "method": kind, "seed": seed, **result})
+            print(time.strftime("%H:%M:%S"), json.dumps(runs[-1]), flush=True)
+            if kind == "mhr" and seed == args.seeds[0]:
+                plot_task_routing(ak.task_routing(encoder, "mhr"), OUT / "poly_mhr_routing.png", list(TASKS),
+                                  f"MHR (seed {seed}) after multi-task training")
+        plans = [("lora-scratch", None), ("shared-lora-ft", trained["lora"]), ("mhr-z", trained["mhr"]),
+                 ("mhr-mu", trained["mhr"])]
+        if args.poly_few_shot == "run":
+            plans += [("poly-z", trained["poly"]), ("poly-mu", trained["poly"])]
+        for kind, source in plans:
+            result = few_shot(kind, source, seed, data, pad, args.fs_epochs)
+            runs.append({"stage": "few-shot", "method": kind, "seed": seed, **result})
+            print(time.strftime("%H:%M:%S"), json.dumps(runs[-1]), flush=True)
+    OUT.mkdir(exist_ok=True)
+    config = {"tasks": TASKS, "held_out": HELD_OUT, "targets": TARGETS, "skill": SKILL.to_dict(), "skills": SKILLS,
+              "mhr_splits": SPLITS, "lr": LR, "router_lr": ROUTER_LR, "batch": BATCH, "max_length": MAX_LENGTH,
+              **vars(args)}
+    name = f"poly_mhr.seed{'-'.join(map(str, args.seeds))}.json"
+    (OUT / name).write_text(json.dumps({"config": config, "runs": runs}, indent=1))
+    summarise()
+
+
+def summarise() -> None:
+    """Merge every results/poly_mhr.seed*.json into results/poly_mhr.json with means per method."""
+    parts = [json.loads(p.read_text()) for p in sorted(OUT.glob("poly_mhr.seed*.json"))]
+    runs = [r for part in parts for r in part["runs"]]
+    summary: dict[str, Any] = {}
+    for stage, key in (("multitask", "mean_accuracy"), ("few-shot", "dev_accuracy")):
+        for method in dict.fromkeys(r["method"] for r in runs if r["stage"] == stage):
+            values = [r[key] for r in runs if r["stage"] == stage and r["method"] == method]
+            summary[f"{stage}/{method}"] = {"mean": round(statistics.mean(values), 2), "per_seed": values}
+    config = {k: v for k, v in parts[0]["config"].items() if k not in ("seeds", "summarise")} if parts else {}
+    (OUT / "poly_mhr.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
+    print(json.dumps(summary, indent=1))
+
+if __name__ == "__main__":
+    main()
