@@ -158,8 +158,8 @@ class XLoRARouter(XLoRASlot):
 
     def scalings(self, hidden: Tensor) -> Tensor:
         """Scalings (B, L, N, K) from the last hidden state (B, L, H)."""
-        weight = self.classifier[0].weight
-        logits = self.classifier(hidden.to(weight.dtype))  # (B, L, K) or (B, L, N * K)
+        dtype = next(self.classifier.parameters()).dtype
+        logits = self.classifier(hidden.to(dtype))  # (B, L, K) or (B, L, N * K)
         batch, length = hidden.shape[:2]
         if self.spec.scalings == "shared":
             logits = logits.unsqueeze(2).expand(batch, length, self.count, self.spec.experts)
