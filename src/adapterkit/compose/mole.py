@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from adapterkit.core.errors import TargetError
 from adapterkit.core.layers import layer_info, tensor
 from adapterkit.core.precision import as_compute, master_dtype
+from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
 
@@ -99,7 +100,10 @@ class MoLERouter(nn.Module):
         for branch, count in zip(branches, counts):
             if count:
                 rows = tokens[start : start + count]
-                delta = branch.change(flat_x.index_select(0, rows), flat_out.index_select(0, rows))  # (n_e, out)
+                # a parallel adapter (LoRA) never reads the base output: skip gathering it
+                parallel = getattr(branch.adapter, "site", None) is Site.PARALLEL
+                delta = branch.change(flat_x.index_select(0, rows),
+                                      flat_out[:count] if parallel else flat_out.index_select(0, rows))  # (n_e, out)
                 if delta is not None:
                     result.index_add_(0, rows, delta * gates[start : start + count, None])
             start += count
