@@ -45,7 +45,7 @@ class MoLE(AdapterSpec):
     role = "route"
     experts: int = 4  # K, the number of children of the Route block
     top_k: int = 1  # experts run per token
-    balance: float = 0.01  # weight of the load-balancing loss (0: not reported)
+    balance: float = 1.0  # weight the loss is reported with (0: not reported); the trainer scales all aux losses
     router_std: float = 0.02  # std of the router's Gaussian init (the paper does not give it)
 
     def __post_init__(self) -> None:

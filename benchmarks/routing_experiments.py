@@ -1,0 +1,162 @@
+"""Route experiments on all-MiniLM-L6-v2: X-LoRA over three task LoRAs, and MoLE top-1 vs a plain LoRA.
+
+(2) X-LoRA. Three task LoRAs (SST-2, SUBJ, TREC; LoRA r=8 alpha=16 on query/value) are trained on their own with
+the shared protocol (``tasks.train_once``: 2,000 rows, 2 epochs) and saved once. On the union of the three tasks
+(``--union-rows`` rows of each), a ``MultiTaskClassifier`` (one fresh head per task) is trained with each encoder
+setup, the LoRAs frozen: each single LoRA (``Stack(t)``), uniform averaging (``Average``), and the X-LoRA router
+(``Route`` + ``XLoRA``, trained with the heads). Oracle routing (each task with its own LoRA) is the diagonal of
+the single-LoRA rows: the same runs, read per task.
+
+(3) MoLE. On the same union, trained from scratch with the heads: MoLE top-1 over K=4 LoRA experts (r=8) on the
+FFN projections (intermediate.dense, output.dense) vs one plain LoRA r=8 on the same modules (the same parameters
+active per token). The load-balancing loss enters with MultiTaskClassifier's aux weight 0.01 (Switch's alpha).
+
+Every union run: AdamW, 2 epochs, batch 32, max length 64, lr 1e-3 for heads/router (X-LoRA part) and 5e-4 for
+the LoRA runs (the protocol's LoRA rate); nothing was tuned on the dev sets reported. Dev accuracy after the last
+epoch, per task.
+
+    python benchmarks/routing_experiments.py --seed 0 --json results/routing_experiments_s0.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adapterkit as ak
+from _common import minilm_dir
+from adapterkit.cli.commands import load_classifier
+from adapterkit.train.loop import TrainConfig, encode, seed_everything
+from adapterkit.train.multitask import MultiTaskClassifier, _batches, train_multitask
+from tasks import load_task, subset, train_once
+
+TASKS = ("sst2", "subj", "trec")
+LORA_TARGETS = ["query", "value"]
+FFN = [r"re:.*layer\.\d+\.intermediate\.dense", r"re:.*layer\.\d+\.output\.dense"]
+CACHE = Path(__file__).resolve().parent / "results" / "routing_loras"
+
+
+def task_loras(seed: int) -> dict[str, float]:
+    """Train (or reuse) the three task LoRAs of ``seed``; their single-task dev accuracy."""
+    scores = {}
+    for name in TASKS:
+        folder = CACHE / f"{name}-s{seed}"
+        if not (folder / "result.json").is_file():
+            result = train_once(load_task(name), name, ak.LoRA(r=8, alpha=16), LORA_TARGETS, seed)
+            ak.save(result.pop("model"), folder, name)
+            (folder / "result.json").write_text(json.dumps(result) + "\n")
+        scores[name] = json.loads((folder / "result.json").read_text())["dev_accuracy"]
+    return scores
+
+
+def union(seed: int, rows: int) -> dict[str, tuple[Any, Any]]:
+    return {name: (subset(task.train, rows, seed + 1000), task.dev) for name in TASKS
+            for task in [load_task(name)]}
+
+
+def mean_weights(model: MultiTaskClassifier, tokenizer: Any, data: dict[str, tuple[Any, Any]], name: str,
+                 chosen: bool = False) -> dict[str, list[float]]:
+    """Per task, over one dev batch (all modules, all real tokens): the mean routing weight of each expert, or with
+    ``chosen`` the fraction of tokens routed to it."""
+    encoded = [encode(tokenizer, dev, 64) for _, dev in data.values()]
+    out = {}
+    model.eval()
+    for index, task in enumerate(data):
+        rows = [(index, r) for r in range(min(64, len(encoded[index].ids)))]
+        ids, mask, tasks, _ = next(_batches(encoded, rows, 64, tokenizer.pad_token_id or 0))
+        with torch.no_grad():
+            routing = model(ids, mask, tasks).routing
+        stacked = torch.stack([w[mask.bool()] for w in routing.weights[name].values()])  # (modules, tokens, K)
+        stacked = (stacked > 0).float() if chosen else stacked
+        out[task] = [round(v, 4) for v in stacked.mean((0, 1)).tolist()]
+    return out
+
+
+def xlora_part(seed: int, rows: int) -> dict[str, Any]:
+    data = union(seed, rows)
+    config = TrainConfig(epochs=2, lr=1e-3, batch_size=32, max_length=64, seed=seed)
+    classifier, tokenizer = load_classifier(minilm_dir(), 2)
+    encoder = classifier.bert
+    for name in TASKS:
+        ak.load(classifier, CACHE / f"{name}-s{seed}")
+    ak.attach(encoder, "xl", ak.spec_class("xlora")(experts=3, hidden_size=384), LORA_TARGETS)
+    setups: dict[str, Any] = {f"lora {t}": ak.Stack(t) for t in TASKS}
+    setups["uniform average"] = ak.Average(*TASKS)
+    setups["x-lora"] = ak.Route(*TASKS, name="xl")
+    results: dict[str, Any] = {}
+    for label, block in setups.items():
+        seed_everything(seed)
+        for param in encoder.parameters():
+            param.requires_grad_(False)
+        if label == "x-lora":
+            ak.train_only(encoder, "xl")
+        model = MultiTaskClassifier(encoder, {t: load_task(t).num_labels for t in TASKS}, block=block)
+        start = time.perf_counter()
+        run = train_multitask(model, tokenizer, data, config, desc=label)
+        results[label] = {"dev_accuracy": run["dev_accuracy"], "train_seconds": run["train_seconds"],
+                          "wall_seconds": round(time.perf_counter() - start, 1)}
+        if label == "x-lora":
+            results[label]["mean_scalings"] = mean_weights(model, tokenizer, data, "xl")
+        print(label, json.dumps(results[label]), flush=True)
+    results["oracle"] = {"dev_accuracy": {t: results[f"lora {t}"]["dev_accuracy"][t] for t in TASKS}}
+    return results
+
+
+def mole_part(seed: int, rows: int, experts: int = 4) -> dict[str, Any]:
+    data = union(seed, rows)
+    config = TrainConfig(epochs=2, lr=5e-4, batch_size=32, max_length=64, seed=seed)
+    results: dict[str, Any] = {}
+    for label in ("plain lora", f"mole top-1 of {experts}"):
+        seed_everything(seed)
+        classifier, tokenizer = load_classifier(minilm_dir(), 2)
+        encoder = classifier.bert
+        if label == "plain lora":
+            ak.attach(encoder, "plain", ak.LoRA(r=8, alpha=16), FFN)
+            trainable, block = ak.train_only(encoder, "plain"), ak.Stack("plain")
+        else:
+            names = [f"e{i}" for i in range(experts)]
+            for name in names:
+                ak.attach(encoder, name, ak.LoRA(r=8, alpha=16), FFN)
+            ak.attach(encoder, "mole", ak.spec_class("mole")(experts=experts), FFN)
+            trainable, block = ak.train_only(encoder, [*names, "mole"]), ak.Route(*names, name="mole")
+        model = MultiTaskClassifier(encoder, {t: load_task(t).num_labels for t in TASKS}, block=block)
+        start = time.perf_counter()
+        run = train_multitask(model, tokenizer, data, config, desc=label)
+        results[label] = {"dev_accuracy": run["dev_accuracy"], "train_seconds": run["train_seconds"],
+                          "wall_seconds": round(time.perf_counter() - start, 1), "trainable_encoder": trainable,
+                          "final_aux_loss": run["history"]["aux_loss"][-1]}
+        if label != "plain lora":
+            results[label]["expert_usage"] = mean_weights(model, tokenizer, data, "mole", chosen=True)
+        print(label, json.dumps(results[label]), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--union-rows", type=int, default=1000, help="training rows of each task in the union")
+    parser.add_argument("--parts", nargs="+", default=["xlora", "mole"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {"seed": args.seed, "union_rows_per_task": args.union_rows}
+    start = time.perf_counter()
+    if "xlora" in args.parts:
+        out["single_task_lora"] = task_loras(args.seed)
+        print("task LoRAs", out["single_task_lora"], flush=True)
+        out["xlora"] = xlora_part(args.seed, args.union_rows)
+    if "mole" in args.parts:
+        out["mole"] = mole_part(args.seed, args.union_rows)
+    out["wall_seconds"] = round(time.perf_counter() - start, 1)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
