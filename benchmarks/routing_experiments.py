@@ -2,7 +2,8 @@
 
 (2) X-LoRA. Three task LoRAs (SST-2, SUBJ, TREC; LoRA r=8 alpha=16 on query/value) are trained on their own with
 the shared protocol (``tasks.train_once``: 2,000 rows, 2 epochs) and saved once. On the union of the three tasks
-(``--union-rows`` rows of each), a ``MultiTaskClassifier`` (one fresh head per task) is trained with each encoder
+(``--union-rows`` rows of each, default 500; scored on a fixed ``--dev-rows`` subset of each dev set, default
+500), a ``MultiTaskClassifier`` (one fresh head per task) is trained with each encoder
 setup, the LoRAs frozen: each single LoRA (``Stack(t)``), uniform averaging (``Average``), and the X-LoRA router
 (``Route`` + ``XLoRA``, trained with the heads). Oracle routing (each task with its own LoRA) is the diagonal of
 the single-LoRA rows: the same runs, read per task.
@@ -33,7 +34,7 @@ from _common import minilm_dir
 from adapterkit.cli.commands import load_classifier
 from adapterkit.train.loop import TrainConfig, encode, seed_everything
 from adapterkit.train.multitask import MultiTaskClassifier, _batches, train_multitask
-from tasks import load_task, subset, train_once
+from tasks import SPLIT_SEED, load_task, subset, train_once
 
 TASKS = ("sst2", "subj", "trec")
 LORA_TARGETS = ["query", "value"]
@@ -41,10 +42,10 @@ FFN = [r"re:.*layer\.\d+\.intermediate\.dense", r"re:.*layer\.\d+\.output\.dense
 CACHE = Path(__file__).resolve().parent / "results" / "routing_loras"
 
 
-def task_loras(seed: int) -> dict[str, float]:
-    """Train (or reuse) the three task LoRAs of ``seed``; their single-task dev accuracy."""
+def task_loras(seed: int, names: tuple[str, ...] = TASKS) -> dict[str, float]:
+    """Train (or reuse) the task LoRAs of ``seed``; their single-task dev accuracy."""
     scores = {}
-    for name in TASKS:
+    for name in names:
         folder = CACHE / f"{name}-s{seed}"
         if not (folder / "result.json").is_file():
             result = train_once(load_task(name), name, ak.LoRA(r=8, alpha=16), LORA_TARGETS, seed)
@@ -54,8 +55,9 @@ def task_loras(seed: int) -> dict[str, float]:
     return scores
 
 
-def union(seed: int, rows: int) -> dict[str, tuple[Any, Any]]:
-    return {name: (subset(task.train, rows, seed + 1000), task.dev) for name in TASKS
+def union(seed: int, rows: int, dev_rows: int) -> dict[str, tuple[Any, Any]]:
+    """``rows`` training rows of each task (drawn with ``seed``), and the same ``dev_rows`` dev rows for every seed."""
+    return {name: (subset(task.train, rows, seed + 1000), subset(task.dev, dev_rows, SPLIT_SEED)) for name in TASKS
             for task in [load_task(name)]}
 
 
@@ -77,8 +79,8 @@ def mean_weights(model: MultiTaskClassifier, tokenizer: Any, data: dict[str, tup
     return out
 
 
-def xlora_part(seed: int, rows: int) -> dict[str, Any]:
-    data = union(seed, rows)
+def xlora_part(seed: int, rows: int, dev_rows: int) -> dict[str, Any]:
+    data = union(seed, rows, dev_rows)
     config = TrainConfig(epochs=2, lr=1e-3, batch_size=32, max_length=64, seed=seed)
     classifier, tokenizer = load_classifier(minilm_dir(), 2)
     encoder = classifier.bert
@@ -107,8 +109,8 @@ def xlora_part(seed: int, rows: int) -> dict[str, Any]:
     return results
 
 
-def mole_part(seed: int, rows: int, experts: int = 4) -> dict[str, Any]:
-    data = union(seed, rows)
+def mole_part(seed: int, rows: int, dev_rows: int, experts: int = 4) -> dict[str, Any]:
+    data = union(seed, rows, dev_rows)
     config = TrainConfig(epochs=2, lr=5e-4, batch_size=32, max_length=64, seed=seed)
     results: dict[str, Any] = {}
     for label in ("plain lora", f"mole top-1 of {experts}"):
@@ -139,19 +141,24 @@ def mole_part(seed: int, rows: int, experts: int = 4) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--union-rows", type=int, default=1000, help="training rows of each task in the union")
+    parser.add_argument("--union-rows", type=int, default=500, help="training rows of each task in the union")
+    parser.add_argument("--dev-rows", type=int, default=500, help="dev rows of each task scored in the union runs")
     parser.add_argument("--parts", nargs="+", default=["xlora", "mole"])
+    parser.add_argument("--lora-only", nargs="*", default=None, help="only train (and cache) these task LoRAs")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    out: dict[str, Any] = {"seed": args.seed, "union_rows_per_task": args.union_rows}
+    out: dict[str, Any] = {"seed": args.seed, "union_rows_per_task": args.union_rows, "dev_rows": args.dev_rows}
     start = time.perf_counter()
+    if args.lora_only:
+        print(task_loras(args.seed, tuple(args.lora_only)))
+        return
     if "xlora" in args.parts:
         out["single_task_lora"] = task_loras(args.seed)
         print("task LoRAs", out["single_task_lora"], flush=True)
-        out["xlora"] = xlora_part(args.seed, args.union_rows)
+        out["xlora"] = xlora_part(args.seed, args.union_rows, args.dev_rows)
     if "mole" in args.parts:
-        out["mole"] = mole_part(args.seed, args.union_rows)
+        out["mole"] = mole_part(args.seed, args.union_rows, args.dev_rows)
     out["wall_seconds"] = round(time.perf_counter() - start, 1)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
