@@ -126,3 +126,19 @@ def test_a_forward_outside_the_model_or_a_bad_spec_is_a_clear_error() -> None:
                          (dict(scalings="per-layer"), "scalings must be one of"), (dict(temperature=0), "> 0")]:
         with pytest.raises(SpecError, match=message):
             XLoRA(**{"experts": 3, "hidden_size": 32, **bad})
+
+
+def test_a_cache_filled_outside_the_use_block_is_refused() -> None:
+    model = make_tiny("llama")
+    _experts(model)
+    ak.attach(model, "xl", XLoRA(experts=3, hidden_size=32), TARGETS)
+    ids = tokens(batch=1, length=4)
+    with torch.no_grad():
+        with ak.use(model, EXPERTS):
+            cache = model(input_ids=ids[:, :3], use_cache=True).past_key_values
+            step = model(input_ids=ids[:, 3:], past_key_values=cache, use_cache=True).logits[:, -1]
+            full = model(input_ids=ids, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(step, full, atol=1e-5, rtol=0)  # the same block: the scaling pass kept a cache
+        with ak.use(model, EXPERTS), pytest.raises(AdapterKitError, match="filled outside this use") as info:
+            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    assert "\n" not in str(info.value)

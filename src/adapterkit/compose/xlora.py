@@ -183,17 +183,26 @@ class XLoRARouter(XLoRASlot):
                 scoring["past_key_values"] = self._shadow_cache(cache, shadow)
             with torch.no_grad():
                 result = module.forward(*args, **scoring)  # forward, not __call__: this hook must not re-enter
+            # a cache the model creates itself in this call: paired with the real one when that comes back
+            shadow["pending"] = getattr(result, "past_key_values", None) if cache is None else None
             hidden = getattr(result, "hidden_states", None)
             if not hidden:
                 raise AdapterKitError(f"X-LoRA: {type(module).__name__} returned no hidden_states for the scaling "
                                       "pass; use(...) the model whose forward takes output_hidden_states")
             plan.state[key] = _Pass("routed", self.scalings(hidden[-1]))
 
-        handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            pending, real = shadow.pop("pending", None), getattr(output, "past_key_values", None)
+            if pending is not None and real is not None:
+                shadow["for"], shadow["cache"] = id(real), pending
+
+        handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                   model.register_forward_hook(post_hook, with_kwargs=True)]
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             plan.state.pop(key, None)
 
     @staticmethod
