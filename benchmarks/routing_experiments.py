@@ -81,7 +81,10 @@ def mean_weights(model: MultiTaskClassifier, tokenizer: Any, data: dict[str, tup
     return out
 
 
-def xlora_part(seed: int, rows: int, dev_rows: int) -> dict[str, Any]:
+SETUPS = (*(f"lora {t}" for t in TASKS), "uniform average", "x-lora")
+
+
+def xlora_part(seed: int, rows: int, dev_rows: int, only: tuple[str, ...] = SETUPS) -> dict[str, Any]:
     data = union(seed, rows, dev_rows)
     config = TrainConfig(epochs=2, lr=1e-3, batch_size=32, max_length=64, seed=seed)
     classifier, tokenizer = load_classifier(minilm_dir(), 2)
@@ -94,6 +97,8 @@ def xlora_part(seed: int, rows: int, dev_rows: int) -> dict[str, Any]:
     setups["x-lora"] = ak.Route(*TASKS, name="xl")
     results: dict[str, Any] = {}
     for label, block in setups.items():
+        if label not in only:
+            continue
         seed_everything(seed)
         for param in encoder.parameters():
             param.requires_grad_(False)
@@ -107,7 +112,8 @@ def xlora_part(seed: int, rows: int, dev_rows: int) -> dict[str, Any]:
         if label == "x-lora":
             results[label]["mean_scalings"] = mean_weights(model, tokenizer, data, "xl")
         print(label, json.dumps(results[label]), flush=True)
-    results["oracle"] = {"dev_accuracy": {t: results[f"lora {t}"]["dev_accuracy"][t] for t in TASKS}}
+    if all(f"lora {t}" in results for t in TASKS):
+        results["oracle"] = {"dev_accuracy": {t: results[f"lora {t}"]["dev_accuracy"][t] for t in TASKS}}
     return results
 
 
@@ -143,9 +149,17 @@ def mole_part(seed: int, rows: int, dev_rows: int, experts: int = 4) -> dict[str
 def summarize(seeds: list[int]) -> None:
     """Combine the per-part, per-seed JSON files into results/routing_experiments.json and print markdown tables."""
     folder = Path(__file__).resolve().parent / "results"
-    runs = {f"{part}_s{seed}": json.loads((folder / f"routing_experiments_{part}_s{seed}.json").read_text())
-            for part in ("xlora", "mole") for seed in seeds
-            if (folder / f"routing_experiments_{part}_s{seed}.json").is_file()}
+    runs: dict[str, Any] = {}
+    for part in ("xlora", "mole"):
+        for seed in seeds:  # a part may have run as several processes (one per setup): merge their files
+            for file in sorted(folder.glob(f"routing_experiments_{part}*_s{seed}.json")):
+                run = json.loads(file.read_text())
+                merged = runs.setdefault(f"{part}_s{seed}", {**run, part: {}})
+                merged[part].update(run[part])
+    for seed in seeds:
+        xlora = runs.get(f"xlora_s{seed}", {}).get("xlora", {})
+        if all(f"lora {t}" in xlora for t in TASKS):
+            xlora["oracle"] = {"dev_accuracy": {t: xlora[f"lora {t}"]["dev_accuracy"][t] for t in TASKS}}
     (folder / "routing_experiments.json").write_text(json.dumps(runs, indent=1) + "\n")
 
     def table(part: str, rows: list[str], pick: Any) -> None:
@@ -172,6 +186,8 @@ def main() -> None:
     parser.add_argument("--union-rows", type=int, default=300, help="training rows of each task in the union")
     parser.add_argument("--dev-rows", type=int, default=300, help="dev rows of each task scored in the union runs")
     parser.add_argument("--parts", nargs="+", default=["xlora", "mole"])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS,
+                        help="X-LoRA part: which encoder setups to train (one process each runs them in parallel)")
     parser.add_argument("--lora-only", nargs="*", default=None, help="only train (and cache) these task LoRAs")
     parser.add_argument("--summarize", nargs="*", type=int, default=None, help="print tables for these seeds")
     parser.add_argument("--json", default=None)
@@ -188,7 +204,7 @@ def main() -> None:
     if "xlora" in args.parts:
         out["single_task_lora"] = task_loras(args.seed)
         print("task LoRAs", out["single_task_lora"], flush=True)
-        out["xlora"] = xlora_part(args.seed, args.union_rows, args.dev_rows)
+        out["xlora"] = xlora_part(args.seed, args.union_rows, args.dev_rows, tuple(args.setups))
     if "mole" in args.parts:
         out["mole"] = mole_part(args.seed, args.union_rows, args.dev_rows)
     out["wall_seconds"] = round(time.perf_counter() - start, 1)
