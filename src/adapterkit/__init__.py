@@ -9,7 +9,9 @@
 from adapterkit import compose as _compose  # noqa: F401  (registers every combiner)
 from adapterkit import methods as _methods  # noqa: F401  (registers every method)
 from adapterkit.api import activate, adapters, use
+from adapterkit.compose.mole import MoLE
 from adapterkit.compose.poly import Poly
+from adapterkit.compose.xlora import XLoRA
 from adapterkit.core.blocks import (
     Average,
     Fuse,
@@ -61,4 +63,5 @@ __all__ = [
     "LowBit", "MaskTuning", "SPLoRA",
     # Poly / MHR (compose/poly.py, train/poly_tools.py)
     "Poly", "attach_poly", "mhr_mu", "mhr_z", "task_routing",
+    "MoLE", "XLoRA",
 ]

@@ -51,10 +51,6 @@ ALL = [(name, index, case) for name, cases in sorted(CASES.items()) for index, c
 IDS = [f"{name}-{index}" for name, index, _ in ALL]
 
 
-def test_every_registered_combiner_has_cases() -> None:
-    assert sorted(CASES) == ak.combiners()
-
-
 def _setup(case: Case) -> tuple[nn.Module, Any]:
     kind, spec, targets, factory = case
     model = make_tiny(kind)

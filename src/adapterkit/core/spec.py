@@ -28,6 +28,12 @@ class AdapterSpec:
         """Create the adapter module for one base module (implemented by each method)."""
         raise NotImplementedError
 
+    def build_all(self, bases: list[nn.Module]) -> list[nn.Module]:
+        """Create the modules for every placement of one ``attach``, in model order (the default builds each on
+        its own). A spec whose placements share parameters (a model-level router read by every module) overrides
+        this and keeps the shared part in one of the modules it returns."""
+        return [self.build(base) for base in bases]
+
     def check_target(self, base: nn.Module, path: str) -> None:
         """Raise a one-line error if this spec cannot adapt ``base`` (found at ``path``)."""
 

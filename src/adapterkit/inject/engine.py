@@ -60,7 +60,8 @@ def attach(model: nn.Module, name: str, spec: AdapterSpec, targets: Targets) -> 
     chosen = select(model, targets)
     for path, module in chosen:  # validate everything before changing anything
         spec.check_target(module, path)
-    built = [(path, module, spec.build(module)) for path, module in chosen]
+    modules = spec.build_all([module for _, module in chosen])
+    built = [(path, module, adapter) for (path, module), adapter in zip(chosen, modules, strict=True)]
     for path, module, adapter in built:
         host = host_of(module)
         if host is None:
