@@ -202,7 +202,7 @@ def report() -> None:
     seeds = sorted({r["seed"] for r in runs})
     head = " | ".join(f"{t} s{s}" for t in tasks for s in seeds)
     print(f"| method | trainable | stored bytes | {head} | " + " | ".join(f"{t} mean" for t in tasks) + " | train s |")
-    print("|---" * (5 + len(tasks) * (len(seeds) + 1)) + "|")
+    print("|---" * (4 + len(tasks) * (len(seeds) + 1)) + "|")
     for row in [*ROWS, "SPLoRA r=8 FFN, pruned 50 %"]:
         mine = [r for r in runs if r["row"] == row]
         if not mine:

@@ -221,7 +221,9 @@ def shrink(model: nn.Module, keep: dict[str, Tensor], consumer_of: Callable[[str
     """Physically remove pruned channels: rows of each producer Linear and the matching columns of its consumer.
 
     Call it on a model whose pruning adapter is merged and detached (``detach(..., keep_merged=True)``); the Linear
-    modules stay the same objects with smaller parameters, so the module tree is unchanged.
+    modules stay the same objects with smaller parameters, so the module tree is unchanged. A transformers config
+    still names the old sizes (``intermediate_size``): the shrunk model runs, but ``save_pretrained`` + reload would
+    rebuild the full-size layers.
     """
     modules = dict(model.named_modules())
     for path, mask in keep.items():
