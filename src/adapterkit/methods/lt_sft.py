@@ -15,7 +15,8 @@ parameters [W (out, in) in canonical layout, then b] and the matching ``values``
 ``ak.save`` writes them to safetensors as they are (K indices + K values, not a dense matrix) and the fingerprint
 check rejects a diff meant for another base model. Apply = ``ak.merge`` (W[idx] += values, zero inference cost),
 revert = ``ak.unmerge`` (writes back the K saved base entries, so the base is restored bit for bit). Unmerged, the
-diff runs as a PARALLEL delta x @ scatter(values)^T, which is how it is trained.
+diff runs as a PARALLEL delta x dW^T, which is how it is trained: a dense matmul while the diff is dense (phase 1),
+a sparse O(K N) product (forward and gradients) once it is sparse.
 
 A new diff is dense (all entries, values 0): training it is phase 1. ``lottery_ticket`` runs the procedure around
 any training function (our ``run_training``, HF Trainer, a plain loop). Differences from the reference code: the
