@@ -103,9 +103,9 @@ class Protocol:
 
     train_rows: int | None = 2000
     epochs: int = 2
-    batch_size: int = 32
+    batch_size: int = 16
     max_length: int = 64
-    lr: float = 5e-4
+    lr: float = 2e-3  # LoRA on SST-2, 2,000 rows, seed 0: 83.8 here vs 78.8 at batch 32 / lr 5e-4
 
 
 def stored_bytes(folder: Path) -> int:
