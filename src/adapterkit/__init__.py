@@ -9,6 +9,9 @@
 from adapterkit import compose as _compose  # noqa: F401  (registers every combiner)
 from adapterkit import methods as _methods  # noqa: F401  (registers every method)
 from adapterkit.api import activate, adapters, use
+from adapterkit.compose.fusion import Fusion
+from adapterkit.compose.mixda import MixDA
+from adapterkit.compose.scalearn import ScaLearn
 from adapterkit.core.blocks import (
     Average,
     Fuse,
@@ -44,9 +47,9 @@ from adapterkit.methods.lora import LoRA
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterKitError", "Average", "BitFit", "DoRA", "Fuse", "Gate", "IA3", "LoRA", "NameInUseError", "ParBottleneck",
-    "Parallel", "Route", "Routing", "Scale", "SeqBottleneck", "Select", "SpecError", "Stack", "StateError",
-    "TargetError", "TaskRoute", "UnknownMethodError", "activate", "adapters", "attach", "block_from_dict",
-    "combiners", "detach", "explain", "is_merged", "load", "merge", "methods", "read", "save", "spec_class",
-    "spec_from_dict", "train_only", "unmerge", "use",
+    "AdapterKitError", "Average", "BitFit", "DoRA", "Fuse", "Fusion", "Gate", "IA3", "LoRA", "MixDA",
+    "NameInUseError", "ParBottleneck", "Parallel", "Route", "Routing", "ScaLearn", "Scale", "Select", "SeqBottleneck",
+    "SpecError", "Stack", "StateError", "TargetError", "TaskRoute", "UnknownMethodError", "activate", "adapters",
+    "attach", "block_from_dict", "combiners", "detach", "explain", "is_merged", "load", "merge", "methods", "read",
+    "save", "spec_class", "spec_from_dict", "train_only", "unmerge", "use",
 ]

@@ -13,6 +13,11 @@ base layer's (weight, bias) in (out, in, ...) layout to the merged ones and back
 ``delta_weight()``; that cannot express a re-normalised weight (W' = m * V / ||V||) or a scaling that also
 scales the bias exactly,
 so the contract is the pair of maps, and ``delta_weight()`` stays an optional extra for low-rank methods.
+
+OUTPUT adapters whose output is ``finish(stream + delta)`` (a sequential adapter that re-enters a post-norm) may
+implement ``parts(x, base_out) -> (stream, delta, finish)``: combiners that mix adapter outputs before the residual
+and the norm (AdapterFusion, ScaLearn) read it through ``Branch.parts``; without it a branch splits as
+``(base_out, change, identity)``.
 """
 
 from __future__ import annotations

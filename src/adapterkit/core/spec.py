@@ -31,6 +31,13 @@ class AdapterSpec:
     def check_target(self, base: nn.Module, path: str) -> None:
         """Raise a one-line error if this spec cannot adapt ``base`` (found at ``path``)."""
 
+    def link(self, modules: list[nn.Module]) -> None:
+        """Called once per attach with every module built, in placement order, before they are placed.
+
+        A spec whose modules share state across placements (one parameter set for the whole model) ties them
+        here; save and load follow, since a load attaches again (same order) before copying tensors.
+        """
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: the method tag plus every field."""
         out: dict[str, Any] = {"method": self.method}

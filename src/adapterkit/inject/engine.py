@@ -61,6 +61,7 @@ def attach(model: nn.Module, name: str, spec: AdapterSpec, targets: Targets) -> 
     for path, module in chosen:  # validate everything before changing anything
         spec.check_target(module, path)
     built = [(path, module, spec.build(module)) for path, module in chosen]
+    spec.link([adapter for _, _, adapter in built])
     for path, module, adapter in built:
         host = host_of(module)
         if host is None:

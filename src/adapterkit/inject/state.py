@@ -170,7 +170,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, str
     except Exception:
         detach(model, name)
         raise
-    set_active(model, _active_with(model, name))
+    if not spec.role:  # a combiner is never active on its own; it runs through its block
+        set_active(model, _active_with(model, name))
     return name
 
 
