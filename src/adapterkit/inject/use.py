@@ -1,0 +1,84 @@
+"""Choosing what runs: activation, and ``use`` blocks (adapter names, a per-example Select, or a composition
+block), and listing."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from adapterkit.core.blocks import Block, Select
+from adapterkit.core.context import BlockPlan, Routing, SelectPlan, override_active, run_block_plan, select_rows
+from adapterkit.core.errors import AdapterKitError
+from adapterkit.core.interpret import check_combiners
+from adapterkit.inject.engine import adapter_names, hosts, placements, set_active
+
+
+def activate(model: nn.Module, *names: str) -> None:
+    """Make exactly ``names`` the active adapters (in this order); with no names, run the bare base model."""
+    set_active(model, list(names))
+
+
+@contextlib.contextmanager
+def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] | torch.Tensor | None = None
+        ) -> Iterator[Routing]:
+    """Run exactly the named adapters, or one block, inside the ``with`` (none: the base model).
+
+    ``use(model, "a", "b")`` runs those adapters whatever is active outside. ``use(model, Select(["a", None]))``
+    runs one adapter per example (None: the base model), all rows in one batch; its segment table is built
+    here, once. ``use(model, Stack("lang", Fuse("a", "b", name="fusion")), task_ids=...)`` runs a composition
+    block; ``task_ids`` (one per example) feed task routing. The ``with`` yields a ``Routing`` record: the
+    weights learned blocks used and their auxiliary losses (``routing.aux_loss()``).
+    """
+    routing = Routing()
+    if len(setup) == 1 and isinstance(setup[0], (Select, Block)):
+        held = hosts(model)  # one walk of the module tree, whatever the number of adapters
+        attached = {name for _, _, host in held for name in host.names()}
+        merged = {name for _, _, host in held for name in host.merged}
+        block = setup[0]
+        needed = block.names if isinstance(block, Select) else block.leaves()
+        for name in needed:
+            if name is None:
+                continue
+            if name not in attached:
+                placements(model, name)  # raises the usual "no adapter named ..." error
+            if name in merged:
+                kind = type(block).__name__
+                raise AdapterKitError(f"{kind}: adapter {name!r} is merged into the base weights; unmerge it first")
+        if isinstance(block, Select):
+            with override_active(()), select_rows(SelectPlan(block.names)):
+                yield routing
+            return
+        found = {n: host.adapter(n) for _, _, host in held for n in host.names() if host.adapter(n).spec.role}
+        check_combiners(block, list(found.items()))
+        ids = None if task_ids is None else torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
+        plan = BlockPlan(block, ids, routing)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(override_active(()))
+            stack.enter_context(run_block_plan(plan))
+            for name in {n for _, n in block.combiners()}:
+                for _, _, host in held:  # model-level work of a combiner (e.g. a scoring pass): once per call
+                    session = getattr(host._modules.get(name), "session", None)
+                    if session is not None:
+                        stack.enter_context(session(model, plan))
+            yield routing
+        return
+    for item in setup:
+        if not isinstance(item, str):
+            raise AdapterKitError(f"use: expected adapter names or one block (Select, Stack, ...), got "
+                                  f"{type(item).__name__}")
+        for _, _, host in placements(model, item):
+            if host.adapter(item).spec.role:
+                raise AdapterKitError(f"use: {item!r} is a combiner; run it through its block")
+            break
+    if task_ids is not None:
+        raise AdapterKitError("use: task_ids= only applies to a block that routes by task (TaskRoute)")
+    with override_active(tuple(setup)):  # type: ignore[arg-type]
+        yield routing
+
+
+def adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters attached to ``model``."""
+    return adapter_names(model)
