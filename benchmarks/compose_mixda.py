@@ -106,8 +106,9 @@ def baseline(seed: int) -> dict[str, Any]:
 
 def main(methods: list[str]) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
-    for method in methods:
-        for seed in SEEDS:
+    for item in methods:  # "method" (every seed) or "method-seed"
+        method, _, only = item.partition("-")
+        for seed in [int(only)] if only else SEEDS:
             file = RUNS / f"{method}-{seed}.json"
             if file.is_file():
                 continue

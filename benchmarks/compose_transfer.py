@@ -137,8 +137,9 @@ RUNS = RESULTS / "compose_transfer_runs"  # one file per (method, seed): runs ma
 def main(methods: list[str]) -> None:
     """Run the stage-2 methods (2 seeds each) that have no result yet."""
     RUNS.mkdir(parents=True, exist_ok=True)
-    for method in methods:
-        for seed in SEEDS:
+    for item in methods:  # "method" (every seed) or "method-seed"
+        method, _, only = item.partition("-")
+        for seed in [int(only)] if only else SEEDS:
             file = RUNS / f"{method}-{seed}.json"
             if not file.is_file():
                 row = run_stage_two(method, seed)
