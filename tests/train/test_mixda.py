@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import minilm_dir
 from torch import nn
 
 import adapterkit as ak
@@ -12,7 +13,6 @@ from adapterkit.inject.engine import placements
 from adapterkit.train.data import TextTable
 from adapterkit.train.loop import TrainConfig
 from adapterkit.train.mixda import _old_knowledge_hooks, train_domain, train_task
-from tests.conftest import minilm_dir
 
 FFN_OUT = [r"re:.*layer\.1\.output\.dense"]
 SUBLAYERS = ["bert.encoder.layer.1.output"]
