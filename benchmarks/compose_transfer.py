@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from _common import minilm_dir
 from adapterkit.inject.engine import placements
+from adapterkit.train.mixda import WithBlock  # the model run inside use(model, block), aux losses in its loss
 from tasks import Protocol, load_task, subset, train_once
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,25 +66,7 @@ def train_source(name: str) -> None:
     (SOURCES / f"{name}.metrics.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
-class WithBlock(nn.Module):
-    """A classifier run inside ``ak.use(model, block)``; the block's auxiliary losses join the training loss."""
-
-    def __init__(self, model: nn.Module, block: Any) -> None:
-        super().__init__()
-        self.model = model
-        self.block = block
-
-    def forward(self, **batch: Any) -> Any:
-        import adapterkit as ak
-
-        with ak.use(self.model, self.block) as routing:
-            out = self.model(**batch)
-        if out.loss is not None and routing.losses:
-            out.loss = out.loss + routing.aux_loss()
-        return out
-
-
-# method -> (combiner spec factory or None for the single-task adapter, learning rate, what the lr follows)
+# method -> (combiner spec factory, or None for the single-task adapter; learning rate)
 METHODS: dict[str, tuple[Any, float]] = {
     "single_adapter": (None, 2e-3),  # PROTOCOL's adapter lr
     "adapterfusion": (lambda ak: ak.Fusion(), 2e-3),  # paper: 5e-5 over 10 epochs of full data; 2 short epochs here
