@@ -12,6 +12,9 @@ from adapterkit.api import activate, adapters, use
 from adapterkit.compose.mole import MoLE
 from adapterkit.compose.poly import Poly
 from adapterkit.compose.xlora import XLoRA
+from adapterkit.compose.fusion import Fusion
+from adapterkit.compose.mixda import MixDA
+from adapterkit.compose.scalearn import ScaLearn
 from adapterkit.core.blocks import (
     Average,
     Fuse,
@@ -64,4 +67,5 @@ __all__ = [
     # Poly / MHR (compose/poly.py, train/poly_tools.py)
     "Poly", "attach_poly", "mhr_mu", "mhr_z", "task_routing",
     "MoLE", "XLoRA",
+    "Fusion", "MixDA", "ScaLearn",
 ]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import adapterkit as ak
-from tests.compose import test_combiners, test_combiners_route
+from tests.compose import test_combiners, test_combiners_fuse, test_combiners_route
 
 
 def test_every_registered_combiner_has_cases() -> None:
-    covered = set(test_combiners.CASES) | set(test_combiners_route.CASES)
+    covered = set(test_combiners.CASES) | set(test_combiners_fuse.CASES) | set(test_combiners_route.CASES)
     assert sorted(covered) == ak.combiners()

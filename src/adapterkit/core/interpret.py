@@ -12,7 +12,7 @@ in the pre-hook (``block_inputs``); only a Stack has an order to apply them in, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,25 @@ class Call:
         return self.plan.state
 
 
+def unchanged(stream: Tensor) -> Tensor:
+    """The ``finish`` of adapters whose output is ``stream + delta`` itself (one function, so splits compare)."""
+    return stream
+
+
+@dataclass
+class Parts:
+    """A child's output split where papers combine adapters: ``child(x, out) == finish(stream + delta)``.
+
+    For a sequential adapter on a post-norm target (``LN(x + A(LN(x)))``) the stream is the norm's input and
+    ``finish`` the norm, so a combiner mixes adapter outputs *before* the residual and the norm (AdapterFusion,
+    ScaLearn). Adapters without an inner split give ``stream = out``, ``delta = change``, ``finish = identity``.
+    """
+
+    stream: Tensor
+    delta: Tensor
+    finish: Callable[[Tensor], Tensor]
+
+
 class Branch:
     """One child of a learned block on one host: call it with (x, out) for the new output."""
 
@@ -75,6 +94,34 @@ class Branch:
     def change(self, x: Tensor, out: Tensor) -> Tensor | None:
         """What this child adds to ``out`` (None: nothing, it is absent here)."""
         return change(self.child, self._host, x, out, self._plan)
+
+    def parts(self, x: Tensor, out: Tensor) -> Parts | None:
+        """This child's (stream, delta, finish) split (None: absent here); see ``Parts``."""
+        split = getattr(self.adapter, "parts", None)
+        if split is not None and self.adapter.site is Site.OUTPUT:
+            return Parts(*split(x, out))
+        delta = self.change(x, out)
+        return None if delta is None else Parts(out, delta, unchanged)
+
+
+def common_parts(branches: Sequence[Branch], x: Tensor, out: Tensor, where: str
+                 ) -> tuple[Tensor, list[Tensor | None], Callable[[Tensor], Tensor]] | None:
+    """(stream, delta per branch or None where absent, finish) shared by every present branch (None: none is).
+
+    Children must split the same way (one stream, one finish) to be mixed before the finish; otherwise their
+    deltas live in different spaces and mixing them is an error, named with ``where``.
+    """
+    parts = [branch.parts(x, out) for branch in branches]
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    first = present[0]
+    for each, branch in zip(parts, branches):
+        if each is not None and (each.stream is not first.stream or each.finish != first.finish):
+            raise AdapterKitError(f"{where}: child {branch.name or type(branch.child).__name__!r} combines in "
+                                  "another space than the first child (e.g. a sequential adapter beside a LoRA); "
+                                  "mix children of one kind")
+    return first.stream, [None if p is None else p.delta for p in parts], first.finish
 
 
 def run_block(child: Any, host: Any, x: Tensor, out: Tensor, plan: BlockPlan) -> Tensor:

@@ -19,6 +19,11 @@ pruned layer) also implement ``packed_state()`` and ``load_packed(state)`` (the 
 ``packed_state()`` instead of the state dict, and load hands the stored tensors to ``load_packed``, which
 rebuilds the float tensors so that the loaded adapter computes exactly what the saved one did, and raises
 ValueError (one line, naming the tensor) for anything missing, mis-shaped or corrupted.
+
+OUTPUT adapters whose output is ``finish(stream + delta)`` (a sequential adapter that re-enters a post-norm) may
+implement ``parts(x, base_out) -> (stream, delta, finish)``: combiners that mix adapter outputs before the residual
+and the norm (AdapterFusion, ScaLearn) read it through ``Branch.parts``; without it a branch splits as
+``(base_out, change, identity)``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ class AdapterSpec:
     def build_all(self, bases: list[nn.Module]) -> list[nn.Module]:
         """Create the modules for every placement of one ``attach``, in model order (the default builds each on
         its own). A spec whose placements share parameters (a model-level router read by every module) overrides
-        this and keeps the shared part in one of the modules it returns."""
+        this and keeps the shared part in one of the modules it returns; save and load follow, since a load attaches
+        again (same order) before copying tensors."""
         return [self.build(base) for base in bases]
 
     def check_target(self, base: nn.Module, path: str) -> None:

@@ -7,7 +7,9 @@ https://arxiv.org/abs/2005.00247) and scaled parallel (He et al. 2022, https://a
         on a post-norm target (a LayerNorm ending a BERT-style sub-layer, f(x) = LN(x)):
                             y = LN(x + s A(LN(x)))          the adapter output re-enters the norm, as AdapterHub's
                                                             "seq_bn" does (residual_before_ln, original_ln_after)
-    parallel ("par_bn"):    y = f(x) + s A(x)               beside a sub-layer whose input is the FFN input
+    parallel ("par_bn"):    y = f(x) + s A(x)               beside a sub-layer (W_down: (h, d_in), W_up: (d_out, h),
+                                                            h = d_in/rf; d_in may differ from d_out, e.g. MixDA's
+                                                            domain adapters beside the FFN's output projection)
 
 Pfeiffer = one sequential adapter after each FFN (on BERT, AdapterHub's "seq_bn": target each layer's
 `output.LayerNorm`); Houlsby = after attention and after the FFN (AdapterHub's "double_seq_bn": target the
@@ -18,6 +20,7 @@ default) and "houlsby" (truncated N(0, 0.01)) do not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
+from adapterkit.core.interpret import unchanged
 from adapterkit.core.layers import io_sizes, is_norm
 from adapterkit.core.precision import as_compute, master_dtype
 from adapterkit.core.protocol import Site
@@ -70,15 +74,15 @@ class _BottleneckSpec(AdapterSpec):
 
 
 class Bottleneck(nn.Module):
-    """The down-project / activation / up-project MLP shared by both placements."""
+    """The down-project / activation / up-project MLP shared by both placements (hidden size from ``size``)."""
 
-    def __init__(self, spec: _BottleneckSpec, size: int, like: Tensor) -> None:
+    def __init__(self, spec: _BottleneckSpec, size: int, like: Tensor, size_out: int | None = None) -> None:
         super().__init__()
         hidden = spec.hidden or max(1, round(size / spec.reduction_factor))
         dtype = master_dtype(like)
         self.down = nn.Linear(size, hidden, dtype=dtype, device=like.device)
         self.act = ACTIVATIONS[spec.activation]()
-        self.up = nn.Linear(hidden, size, dtype=dtype, device=like.device)
+        self.up = nn.Linear(hidden, size_out or size, dtype=dtype, device=like.device)
         with torch.no_grad():
             if spec.init == "bert":
                 for layer in (self.down, self.up):
@@ -121,11 +125,18 @@ class SequentialAdapter(nn.Module):
         self.block = Bottleneck(spec, io_sizes(base)[1], next(base.parameters()))
         self._norm = (base,) if is_norm(base) else None  # tuple: reference the norm without re-registering it
 
-    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+    def parts(self, x: Tensor, base_out: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+        """(stream, s A(f(x)), finish) with output ``finish(stream + s A(f(x)))``: on a post-norm target the
+        stream is the norm's input (sub-layer output + residual) and finish the norm, else the stream is f(x)."""
         delta = self.block(base_out) * self.spec.scaling
         if self._norm is not None:
-            return self._norm[0].forward(x + delta)  # .forward: skip the hooks, which would recurse
-        return base_out + delta
+            return x, delta, self._norm[0].forward  # .forward: skip the hooks, which would recurse
+        return base_out, delta, unchanged
+
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        assert base_out is not None  # an output-site adapter always gets the base output
+        stream, delta, finish = self.parts(x, base_out)
+        return finish(stream + delta)
 
 
 @register("par_bn")
@@ -138,11 +149,8 @@ class ParBottleneck(_BottleneckSpec):
     def check_target(self, base: nn.Module, path: str) -> None:
         if is_norm(base):
             raise TargetError(f"par_bn: {path} is a normalisation layer; target the sub-layer (e.g. the mlp) instead")
-        size_in, size_out = io_sizes(base)
-        if size_in != size_out:
-            raise TargetError(f"par_bn: {path} maps {size_in} to {size_out} features; a parallel adapter needs a "
-                              "sub-layer with equal input and output size (e.g. the whole mlp block)")
         self._size(base, path, 0)
+        self._size(base, path, 1)
 
     def build(self, base: nn.Module) -> nn.Module:
         return ParallelAdapter(self, base)
@@ -156,7 +164,8 @@ class ParallelAdapter(nn.Module):
     def __init__(self, spec: ParBottleneck, base: nn.Module) -> None:
         super().__init__()
         self.spec = spec
-        self.block = Bottleneck(spec, io_sizes(base)[0], next(base.parameters()))
+        size_in, size_out = io_sizes(base)
+        self.block = Bottleneck(spec, size_in, next(base.parameters()), size_out)
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         return self.block(x) * self.spec.scaling
