@@ -9,12 +9,12 @@
 from adapterkit import compose as _compose  # noqa: F401  (registers every combiner)
 from adapterkit import methods as _methods  # noqa: F401  (registers every method)
 from adapterkit.api import activate, adapters, use
-from adapterkit.compose.mole import MoLE
-from adapterkit.compose.poly import Poly
-from adapterkit.compose.xlora import XLoRA
 from adapterkit.compose.fusion import Fusion
 from adapterkit.compose.mixda import MixDA
+from adapterkit.compose.mole import MoLE
+from adapterkit.compose.poly import Poly
 from adapterkit.compose.scalearn import ScaLearn
+from adapterkit.compose.xlora import XLoRA
 from adapterkit.core.blocks import (
     Average,
     Fuse,
