@@ -84,9 +84,10 @@ def mean_weights(model: MultiTaskClassifier, tokenizer: Any, data: dict[str, tup
 SETUPS = (*(f"lora {t}" for t in TASKS), "uniform average", "x-lora")
 
 
-def xlora_part(seed: int, rows: int, dev_rows: int, only: tuple[str, ...] = SETUPS) -> dict[str, Any]:
+def xlora_part(seed: int, rows: int, dev_rows: int, only: tuple[str, ...] = SETUPS, epochs: int = 2
+               ) -> dict[str, Any]:
     data = union(seed, rows, dev_rows)
-    config = TrainConfig(epochs=2, lr=1e-3, batch_size=32, max_length=64, seed=seed)
+    config = TrainConfig(epochs=epochs, lr=1e-3, batch_size=32, max_length=64, seed=seed)
     classifier, tokenizer = load_classifier(minilm_dir(), 2)
     encoder = classifier.bert
     for name in TASKS:
@@ -184,6 +185,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--union-rows", type=int, default=300, help="training rows of each task in the union")
+    parser.add_argument("--union-epochs", type=int, default=2, help="epochs of the X-LoRA part's union runs")
     parser.add_argument("--dev-rows", type=int, default=300, help="dev rows of each task scored in the union runs")
     parser.add_argument("--parts", nargs="+", default=["xlora", "mole"])
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS,
@@ -193,7 +195,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    out: dict[str, Any] = {"seed": args.seed, "union_rows_per_task": args.union_rows, "dev_rows": args.dev_rows}
+    out: dict[str, Any] = {"seed": args.seed, "union_rows_per_task": args.union_rows, "dev_rows": args.dev_rows,
+                           "union_epochs_xlora_part": args.union_epochs}
     start = time.perf_counter()
     if args.summarize is not None:
         summarize(args.summarize or [0, 1])
@@ -204,7 +207,8 @@ def main() -> None:
     if "xlora" in args.parts:
         out["single_task_lora"] = task_loras(args.seed)
         print("task LoRAs", out["single_task_lora"], flush=True)
-        out["xlora"] = xlora_part(args.seed, args.union_rows, args.dev_rows, tuple(args.setups))
+        out["xlora"] = xlora_part(args.seed, args.union_rows, args.dev_rows, tuple(args.setups),
+                                  args.union_epochs)
     if "mole" in args.parts:
         out["mole"] = mole_part(args.seed, args.union_rows, args.dev_rows)
     out["wall_seconds"] = round(time.perf_counter() - start, 1)
