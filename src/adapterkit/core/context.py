@@ -31,6 +31,21 @@ def override_active(names: tuple[str, ...]) -> Iterator[None]:
         _ACTIVE_OVERRIDE.reset(token)
 
 
+def per_row(values: torch.Tensor, on: dict[torch.device, torch.Tensor], x: torch.Tensor, mismatch: str
+            ) -> torch.Tensor:
+    """``values`` (one per example) for the rows of activation ``x``: copied to its device once (cached in ``on``);
+    beams (batch * k rows) repeat each example's value; ``mismatch`` (with {given}, {rows}) words the error."""
+    cached = on.get(x.device)
+    if cached is None:
+        cached = on[x.device] = values.to(x.device)
+    rows = x.shape[0]
+    if rows == len(cached):
+        return cached
+    if rows % len(cached):
+        raise ValueError(mismatch.format(given=len(cached), rows=rows))
+    return cached.repeat_interleave(rows // len(cached))
+
+
 class SelectPlan:
     """The segment table of a ``Select``: computed once when the ``use`` block opens, read by every layer.
 
@@ -46,15 +61,7 @@ class SelectPlan:
 
     def slots_for(self, x: torch.Tensor) -> torch.Tensor:
         """Row slots for an activation ``x`` (batch first); beams (batch * k rows) repeat each row's slot."""
-        slots = self._on.get(x.device)
-        if slots is None:
-            slots = self._on[x.device] = self.slots.to(x.device)
-        rows = x.shape[0]
-        if rows != len(slots):
-            if rows % len(slots):
-                raise ValueError(f"Select has {len(slots)} rows but the batch has {rows}")
-            slots = slots.repeat_interleave(rows // len(slots))
-        return slots
+        return per_row(self.slots, self._on, x, "Select has {given} rows but the batch has {rows}")
 
 
 _SELECT: ContextVar[SelectPlan | None] = ContextVar("adapterkit_select", default=None)
@@ -124,15 +131,7 @@ class BlockPlan:
         """Task id per row of ``x`` (beams repeat their example's id); a clear error when none were given."""
         if self.task_ids is None:
             raise ValueError("this block routes by task: pass task_ids= to use(...)")
-        ids = self._on.get(x.device)
-        if ids is None:
-            ids = self._on[x.device] = self.task_ids.to(x.device)
-        rows = x.shape[0]
-        if rows != len(ids):
-            if rows % len(ids):
-                raise ValueError(f"use(...) got {len(ids)} task ids but the batch has {rows} rows")
-            ids = ids.repeat_interleave(rows // len(ids))
-        return ids
+        return per_row(self.task_ids, self._on, x, "use(...) got {given} task ids but the batch has {rows} rows")
 
 
 _BLOCK: ContextVar[BlockPlan | None] = ContextVar("adapterkit_block", default=None)
