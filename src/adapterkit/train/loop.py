@@ -105,6 +105,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def adamw_with_warmup(model: nn.Module, config: TrainConfig, total: int
+                      ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the parameters that require grad, with linear warmup (``config.warmup`` of ``total`` steps)
+    then linear decay to 0: the one schedule every training loop here uses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warm = max(1, int(config.warmup * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    return optimizer, schedule
+
+
 def _micro_batches(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, parts: int, dist: Parallel):
     """This process's rows of a global batch, in ``parts`` micro-batches, each with its weight in the batch mean."""
     rows = ids.shape[0]
@@ -131,11 +143,7 @@ def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTa
     if dist.sharded and config.checkpoint_every:
         raise AdapterKitError("resumable checkpoints are not supported with --parallel fsdp yet; use ddp")
     dist.shard(model)  # FSDP replaces the parameters with shards: before the optimizer takes them
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warm = max(1, int(config.warmup * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    optimizer, schedule = adamw_with_warmup(model, config, total)
     generator = torch.Generator().manual_seed(config.seed)
     history: dict[str, list] = {"step": [], "loss": [], "epoch": [], "epoch_step": [], "dev_accuracy": []}
     progress: dict[str, Any] = {"step": 0, "epoch": 1, "batch": 0, "seconds": 0.0, "history": history}

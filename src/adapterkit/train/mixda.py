@@ -30,7 +30,7 @@ from adapterkit.core.errors import AdapterKitError
 from adapterkit.inject.engine import train_only
 from adapterkit.inject.use import use
 from adapterkit.train.data import TextTable
-from adapterkit.train.loop import TrainConfig, accuracy, batches, encode, run_training
+from adapterkit.train.loop import TrainConfig, accuracy, adamw_with_warmup, batches, encode, run_training
 
 
 class WithBlock(nn.Module):
@@ -79,11 +79,7 @@ def train_domain(model: nn.Module, tokenizer: Any, domains: Sequence[str], gate:
     pad_id = tokenizer.pad_token_id or 0
     know, general = encode(tokenizer, knowledge, config.max_length), encode(tokenizer, old, config.max_length)
     steps = -(-len(know.ids) // config.batch_size) * config.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warm = max(1, int(config.warmup * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    optimizer, schedule = adamw_with_warmup(model, config, steps)
     generator = torch.Generator().manual_seed(config.seed)
     history: dict[str, list[float]] = {"knowledge": [], "old": []}
     model.train()

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.inject.use import use
 from adapterkit.train.data import TextTable
-from adapterkit.train.loop import Encoded, TrainConfig, encode
+from adapterkit.train.loop import Encoded, TrainConfig, adamw_with_warmup, encode
 
 
 @dataclass
@@ -152,13 +152,9 @@ def train_multitask(model: MultiTaskClassifier, tokenizer: Any, tasks: dict[str,
     total = math.ceil(len(rows) / config.batch_size) * config.epochs
     if config.max_steps:
         total = min(total, config.max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise AdapterKitError("train_multitask: nothing to train (call ak.train_only on the encoder first)")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warm = max(1, int(config.warmup * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    optimizer, schedule = adamw_with_warmup(model, config, total)
     generator = torch.Generator().manual_seed(config.seed)
     history: dict[str, Any] = {"step": [], "loss": [], "aux_loss": [], "dev_accuracy": {t: [] for t in model.tasks}}
     seconds, step = 0.0, 0
