@@ -3,7 +3,7 @@
     cd benchmarks && PYTHONPATH=../src ADAPTERKIT_NO_PROGRESS=1 python lowbit_pruning.py [--tasks ...] [--seeds ...]
     python lowbit_pruning.py --report      # merge results/lowbit_pruning_<task>_<seed>.json, print the table
 
-Every row trains with tasks.Protocol's setting (all-MiniLM-L6-v2, batch 32, max length 64, AdamW lr 5e-4, 6 %
+Every row trains with tasks.Protocol's setting (all-MiniLM-L6-v2, batch 16, max length 64, AdamW lr 2e-3, 6 %
 warmup then linear decay, weight decay 0.01) with the classifier head; --rows/--epochs/--dev-rows shrink it when the
 machine cannot afford the default (2,000 rows, 2 epochs, the full dev set); RESULTS.md says what was run. The papers'
 own schedules (Bi-LoRA: lr 1e-3, 100 epochs; R-AMT: lr 8e-5, 30 epochs; SPLoRA: 20-50 recovery epochs per step) do

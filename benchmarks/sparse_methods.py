@@ -2,9 +2,9 @@
 
     cd benchmarks && PYTHONPATH=../src ADAPTERKIT_NO_PROGRESS=1 python sparse_methods.py
 
-Every row follows tasks.Protocol (all-MiniLM-L6-v2, seeded 2,000-row subset, 2 epochs, batch 32, max length 64,
-AdamW lr 5e-4) except where noted: LT-SFT's phase 1 is a full fine-tune of the target weights for ``--phase1-epochs``
-at lr 5e-5 (the paper's lr; 5e-4 is an adapter lr), then its sparse phase follows the protocol. Results are merged
+Every row follows tasks.Protocol (all-MiniLM-L6-v2, seeded 2,000-row subset, 2 epochs, batch 16, max length 64,
+AdamW lr 2e-3) except where noted: LT-SFT's phase 1 is a full fine-tune of the target weights for ``--phase1-epochs``
+at lr 5e-5 (the paper's lr; 2e-3 is an adapter lr), then its sparse phase follows the protocol. Results are merged
 into results/sparse_methods.json after each run, so an interrupted sweep keeps what it measured.
 
 Also measured: LT-SFT composition (a "domain" diff trained on SUBJ, then an SST-2 task diff trained with the domain
