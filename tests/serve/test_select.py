@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adapterkit as ak
-from adapterkit.ops.gathered import gathered_lora, stack_factors
+from adapterkit.ops.gathered import gathered_lora, segments, stack_factors
 from tests.conftest import make_tiny, randomize, tokens
 
 
@@ -101,6 +101,28 @@ def test_gathered_lora_against_float64_loop() -> None:
             a, b = pairs[slot]
             expected = x[row].double() @ a.double().T @ b.double().T
         torch.testing.assert_close(got[row].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slots,grouped", [
+    ([0, 1, 2, 3], True),  # each row its own slot, in order: a view of the stacks, nothing moved
+    ([3, 1, 0, 2], True),  # the same, shuffled: rows sorted, run grouped, put back
+    ([1, 1, 0, 0, 2, 2], True),  # two rows per slot
+    ([0, 0, 1], False),  # unequal groups: the gathered path
+    ([0, 2], False),  # slots not contiguous
+])
+@pytest.mark.parametrize("tokens_per_row", [1, 4])
+def test_grouped_rows_equal_the_gathered_path(slots: list[int], grouped: bool, tokens_per_row: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    pairs = [(torch.randn(r, 6, generator=gen), torch.randn(5, r, generator=gen)) for r in (1, 3, 2)]
+    x = torch.randn(len(slots), tokens_per_row, 6, generator=gen)
+    a_stack, b_stack = stack_factors([*pairs], x)  # slot 3 = no adapter (zeros)
+    index = torch.tensor(slots)
+    groups = segments(index)
+    assert (groups is not None) == grouped
+    if groups is not None:
+        assert (groups.order is None) == (slots == sorted(slots))
+    torch.testing.assert_close(gathered_lora(x, a_stack, b_stack, index, groups),
+                               gathered_lora(x, a_stack, b_stack, index), atol=1e-6, rtol=1e-6)
 
 
 def test_select_errors_and_json() -> None:

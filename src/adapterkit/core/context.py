@@ -50,7 +50,8 @@ class SelectPlan:
     """The segment table of a ``Select``: computed once when the ``use`` block opens, read by every layer.
 
     ``names`` are the distinct adapters, ``slots[b]`` the index of row b's adapter in ``names`` (len(names) for
-    rows without one). Per-device copies of ``slots`` are cached so each layer only indexes.
+    rows without one). Per-device copies of ``slots`` are cached so each layer only indexes, and ``memo`` keeps
+    what a method derives from the slots (e.g. the row grouping of its batched form) for every later layer.
     """
 
     def __init__(self, per_row: tuple[str | None, ...]) -> None:
@@ -58,6 +59,7 @@ class SelectPlan:
         index = {name: i for i, name in enumerate(self.names)}
         self.slots = torch.tensor([index.get(n, len(self.names)) if n else len(self.names) for n in per_row])
         self._on: dict[torch.device, torch.Tensor] = {}
+        self.memo: dict[Any, Any] = {}
 
     def slots_for(self, x: torch.Tensor) -> torch.Tensor:
         """Row slots for an activation ``x`` (batch first); beams (batch * k rows) repeat each row's slot."""

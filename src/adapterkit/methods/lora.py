@@ -26,7 +26,7 @@ from adapterkit.core.precision import as_compute, master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
-from adapterkit.ops.gathered import stack_factors
+from adapterkit.ops.gathered import segments, stack_factors
 from adapterkit.ops.multi_lora import multi_lora
 
 SCALINGS = ("lora", "rslora")
@@ -149,7 +149,11 @@ class LoRALinear(_LowRank):
                              ranks=torch.tensor(ranks, dtype=torch.int32, device=x.device))  # ranks: (slots,)
             cache["plan"] = plan
         a_stack, b_stack = cache["stacks"]
-        return multi_lora(x, a_stack, b_stack, slots, cache["ranks"], into)
+        groups = None
+        if plan is not None:  # the row grouping, derived once per batch for every layer
+            key = ("lora segments", slots.device, slots.shape[0])
+            groups = plan.memo[key] if key in plan.memo else plan.memo.setdefault(key, segments(slots))
+        return multi_lora(x, a_stack, b_stack, slots, cache["ranks"], into, groups)
 
 
 class LoRAConv2d(_LowRank):

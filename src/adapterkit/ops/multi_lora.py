@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from adapterkit.ops.gathered import gathered_lora
+from adapterkit.ops.gathered import Segments, gathered_lora
 
 ENV = "ADAPTERKIT_KERNELS"
 _CHOICES = frozenset(("auto", "torch", "triton"))
@@ -81,7 +81,7 @@ def _why_not(x: Tensor, a_stack: Tensor, kernels: ModuleType | str) -> str | Non
 
 
 def multi_lora(x: Tensor, a_stack: Tensor, b_stack: Tensor, slots: Tensor, ranks: Tensor | None = None,
-               into: Tensor | None = None) -> Tensor:
+               into: Tensor | None = None, groups: Segments | None = None) -> Tensor:
     """The per-example delta ``x[b] @ A[slots[b]]^T @ B[slots[b]]^T`` (``gathered_lora``'s signature), or, with
     ``into``, ``into`` plus that delta, accumulated in place (the caller vouches that ``into`` may be overwritten).
 
@@ -92,9 +92,10 @@ def multi_lora(x: Tensor, a_stack: Tensor, b_stack: Tensor, slots: Tensor, ranks
         ranks: (slots,) int32 rank of each slot; the kernels skip rank-0 slots and read only a
             slot's own rank. None: every slot counts as full rank (zero-padded slots still give a zero delta).
         into: (B, ..., out) tensor to add the delta to in place, typically the base layer's output.
+        groups: ``gathered.segments(slots)``, lets the torch path skip the gather (the kernels need no grouping).
     """
     if kernel_path(x, a_stack) == "torch":
-        delta = gathered_lora(x, a_stack, b_stack, slots)
+        delta = gathered_lora(x, a_stack, b_stack, slots, groups)
         return delta if into is None else into.add_(delta)
     kernels = _kernels()
     assert not isinstance(kernels, str)  # kernel_path said "triton"
