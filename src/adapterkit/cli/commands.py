@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          max_steps=args.max_steps, seed=args.seed, head=[h for h in args.head.split(",") if h],
                          grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
                          precision=args.precision, checkpoint_every=args.checkpoint_every,
-                         parallel=args.parallel)
+                         parallel=args.parallel, quantize=args.quantize)
     plan = ak.explain(model, targets, spec)
     print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(targets)}): "
           f"{plan.adapter_params:,} adapter parameters")
@@ -134,6 +134,11 @@ def _load_run(run: str) -> tuple[dict[str, Any], Any, Any]:
         raise AdapterKitError(f"{run}: no run.json (not a folder written by `adapterkit train`)")
     record = json.loads(record_file.read_text())
     model, tokenizer = load_classifier(record["model"], len(record["labels"]))
+    config = record.get("config", {})
+    if config.get("quantize"):  # trained on a 4-bit base: rebuild the same base (quantising is deterministic)
+        from adapterkit.inject.quantize import HEADS, quantize_base
+
+        quantize_base(model, config["quantize"], skip=(*HEADS, *config.get("head", [])))
     ak.load(model, Path(run, "adapter"))
     return record, model, tokenizer
 

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recompute activations during backward instead of storing them")
     group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16 autocast for the model's compute; adapter weights stay float32 (default fp32)")
+    group.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
+                       help="QLoRA: hold the frozen base's Linear layers in 4 bits (needs bitsandbytes)")
     group.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                        help="write a resumable checkpoint to OUT/checkpoint.safetensors every N steps")
     group.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",

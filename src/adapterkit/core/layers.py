@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from adapterkit.core.errors import TargetError
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's Conv1D: a Linear with a transposed (in, out) weight."""
@@ -59,9 +61,24 @@ def is_norm(module: nn.Module) -> bool:
     return layer_info(module).kind == "norm"
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """A layer whose own weight is stored as integers (e.g. a bitsandbytes 4-bit layer, inject/quantize.py)."""
+    weight = module._parameters.get("weight")
+    return weight is not None and not weight.is_floating_point()
+
+
+def _float_weight(module: nn.Module) -> Tensor:
+    # methods that read or edit the base weight need real values, not 4-bit codes: fail clearly, not silently
+    if is_quantized(module):
+        raise TargetError(f"{type(module).__name__} stores its weight quantised ({tensor(module, 'weight').dtype}): "
+                          "merging and methods that read the base weight (DoRA, LT-SFT, mask tuning, SPLoRA "
+                          "pruning) need a float base; load the adapter onto the float model to merge it")
+    return tensor(module, "weight")
+
+
 def read_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """(weight, bias) of a base layer in the canonical (out, in, ...) layout, as detached copies."""
-    weight = tensor(module, "weight").detach()
+    weight = _float_weight(module).detach()
     if is_conv1d(module):
         weight = weight.t()
     bias = getattr(module, "bias", None)
@@ -73,19 +90,20 @@ def write_weight(module: nn.Module, weight: Tensor, bias: Tensor | None) -> None
     """Copy canonical-layout (weight, bias) back into the base layer's own parameters."""
     if is_conv1d(module):
         weight = weight.t()
-    tensor(module, "weight").copy_(weight)
+    _float_weight(module).copy_(weight)
     if bias is not None:
         tensor(module, "bias").copy_(bias)
 
 
 def supports_inplace_delta(module: nn.Module) -> bool:
-    """Layers whose output autograd does not save, so a delta may be added in place."""
-    return layer_info(module).kind in ("linear", "conv2d", "embedding")
+    """Layers whose output autograd does not save, so a delta may be added in place (not bitsandbytes' 4-bit
+    layers: their matmul returns a view from a custom autograd Function, which autograd forbids writing to)."""
+    return layer_info(module).kind in ("linear", "conv2d", "embedding") and not is_quantized(module)
 
 
 def weight_view(module: nn.Module) -> Tensor:
     """The live weight in canonical (out, in, ...) layout (a view for Conv1D; gradients flow)."""
-    weight = tensor(module, "weight")
+    weight = _float_weight(module)
     return weight.t() if is_conv1d(module) else weight
 
 

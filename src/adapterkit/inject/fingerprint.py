@@ -31,6 +31,7 @@ def module_fingerprint(module: nn.Module) -> dict[str, object]:
     for name, param in module.named_parameters():
         if HOST_ATTR in name.split("."):
             continue
-        shapes[name] = list(param.shape)
+        logical = getattr(getattr(param, "quant_state", None), "shape", None)  # a 4-bit weight's real shape
+        shapes[name] = list(logical if logical is not None else param.shape)
         digest.update(tensor_digest(param).encode())
     return {"shapes": shapes, "hash": digest.hexdigest()[:16]}

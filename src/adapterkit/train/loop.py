@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.core.spec import AdapterSpec
 from adapterkit.inject.engine import attach, train_only
+from adapterkit.inject.quantize import HEADS, quantize_base
 from adapterkit.inject.state import atomic_write, save
 from adapterkit.train.checkpoint import load_checkpoint, save_checkpoint
 from adapterkit.train.data import TextTable
@@ -43,6 +44,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32", or "bf16" autocast (adapter weights stay float32 masters)
     checkpoint_every: int | None = None  # write a resumable checkpoint every N optimizer steps
     parallel: str = "ddp"  # with several processes: "ddp" (replicate the model) or "fsdp" (shard it)
+    quantize: str | None = None  # "nf4" or "fp4": QLoRA, the frozen base's Linear layers in 4 bits (bitsandbytes)
 
 
 @dataclass
@@ -211,6 +213,8 @@ def fit(model: nn.Module, tokenizer: Any, name: str, spec: AdapterSpec, targets:
     Checkpoints (``config.checkpoint_every``) go to ``out/checkpoint.safetensors``; ``resume`` continues from it.
     """
     check_writable(out)
+    if config.quantize:  # QLoRA: the frozen Linear layers go to 4 bits; the head stays float and trains
+        quantize_base(model, config.quantize, skip=(*HEADS, *config.head))
     attach(model, name, spec, targets)
     trainable = train_only(model, name, also=config.head)
     dist = Parallel(config.parallel)
