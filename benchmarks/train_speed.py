@@ -1,5 +1,6 @@
 """LoRA training cost against the floor: frozen-model forward+backward vs peft (default and bf16 adapters) vs
-adapterkit (float32 adapter masters, weights cast to bf16 where used) and adapterkit with gradient checkpointing.
+adapterkit (float32 adapter masters, weights cast to bf16 where used), adapterkit with full and with selective
+gradient checkpointing (train/recompute.py), and adapterkit on a 4-bit NF4 base (QLoRA).
 
 Each variant runs in its own subprocess (peak memory per variant): median step time over --steps steps after
 3 warm-up steps, and peak memory (GPU: max allocated; CPU: peak RSS). A random Llama-shaped model, bf16 weights,
@@ -24,7 +25,8 @@ SHAPES = {  # hidden, layers, intermediate, heads, kv heads, vocab, batch, token
     "1.1b": (2048, 22, 5632, 32, 4, 32000, 8, 1024),
 }
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ["floor", "peft default", "peft bf16 adapters", "adapterkit", "adapterkit + checkpointing"]
+VARIANTS = ["floor", "peft default", "peft bf16 adapters", "adapterkit", "adapterkit + checkpointing",
+            "adapterkit + selective checkpointing", "adapterkit QLoRA (NF4 base)"]
 
 
 def one(variant: str, shape: str, steps: int) -> dict:
@@ -48,11 +50,17 @@ def one(variant: str, shape: str, steps: int) -> dict:
                                     autocast_adapter_dtype=variant == "peft default")
     elif variant.startswith("adapterkit"):
         import adapterkit as ak
+        from adapterkit.train.recompute import checkpoint_kwargs
 
+        if "QLoRA" in variant:
+            from adapterkit.inject.quantize import quantize_base
+
+            quantize_base(model, "nf4", compute_dtype=torch.bfloat16)
         ak.attach(model, "a", ak.LoRA(r=16, alpha=32), PROJ)
         ak.train_only(model, "a")
         if "checkpointing" in variant:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy = "selective" if "selective" in variant else "full"
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     model.train()
@@ -108,10 +116,14 @@ def main() -> None:
         rows.append(json.loads(lines[0][7:]))
     floor = rows[0]
     print(f"{args.shape} Llama shape on {floor['device']}, bf16 weights, LoRA r=16 on 7 projections, AdamW")
-    print(f"{'run':<28} {'adapter':>9} {'ms/step':>9} {'x floor':>8} {'peak GiB':>9} {'x floor':>8}")
+    print(f"{'run':<38} {'adapter':>9} {'ms/step':>9} {'x floor':>8} {'peak GiB':>9} {'x floor':>8}")
     for row in rows:
-        print(f"{row['variant']:<28} {row['adapter_dtype'].removeprefix('torch.'):>9} {row['ms']:>9.1f} "
+        print(f"{row['variant']:<38} {row['adapter_dtype'].removeprefix('torch.'):>9} {row['ms']:>9.1f} "
               f"{row['ms'] / floor['ms']:>8.2f} {row['peak_gib']:>9.2f} {row['peak_gib'] / floor['peak_gib']:>8.2f}")
+    by = {row["variant"]: row for row in rows}
+    for variant in ("adapterkit + checkpointing", "adapterkit + selective checkpointing"):
+        print(f"{variant}: {by[variant]['ms'] / by['adapterkit']['ms']:.2f}x the step and "
+              f"{by[variant]['peak_gib'] / by['adapterkit']['peak_gib']:.2f}x the peak memory of adapterkit alone")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1)

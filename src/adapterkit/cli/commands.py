@@ -113,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     targets = _targets(args, model)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                          max_steps=args.max_steps, seed=args.seed, head=[h for h in args.head.split(",") if h],
-                         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
+                         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing or False,
                          precision=args.precision, checkpoint_every=args.checkpoint_every,
                          parallel=args.parallel, quantize=args.quantize)
     plan = ak.explain(model, targets, spec)

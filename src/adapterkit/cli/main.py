@@ -50,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     group = train.add_argument_group("memory and resuming")
     group.add_argument("--grad-accum", type=int, default=1, metavar="N",
                        help="split each batch into N micro-batches: same updates, less activation memory")
-    group.add_argument("--gradient-checkpointing", action="store_true",
-                       help="recompute activations during backward instead of storing them")
+    group.add_argument("--gradient-checkpointing", nargs="?", const="full", default=None,
+                       choices=["full", "selective"],
+                       help="recompute activations during backward: 'full' (the default when given) keeps only each "
+                            "layer's input; 'selective' keeps the projections' and attention's outputs and "
+                            "recomputes the cheap rest (faster, less saving)")
     group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16 autocast for the model's compute; adapter weights stay float32 (default fp32)")
     group.add_argument("--quantize", choices=["nf4", "fp4"], default=None,

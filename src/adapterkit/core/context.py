@@ -67,6 +67,24 @@ class SelectPlan:
 
 
 _SELECT: ContextVar[SelectPlan | None] = ContextVar("adapterkit_select", default=None)
+_INPLACE: ContextVar[bool] = ContextVar("adapterkit_inplace", default=True)
+
+
+def inplace_allowed() -> bool:
+    """Whether hosts may add adapter deltas into the base output in place (see ``no_inplace``)."""
+    return _INPLACE.get()
+
+
+@contextlib.contextmanager
+def no_inplace() -> Iterator[None]:
+    """Hosts add deltas out of place inside the block: needed where something keeps the base output by reference
+    for later, such as selective activation checkpointing, which caches a projection's output for the recompute
+    (an in-place add would change the cached value)."""
+    token = _INPLACE.set(False)
+    try:
+        yield
+    finally:
+        _INPLACE.reset(token)
 
 
 def select_plan() -> SelectPlan | None:

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from adapterkit.core.context import active_override, block_plan, select_plan
+from adapterkit.core.context import active_override, block_plan, inplace_allowed, select_plan
 from adapterkit.core.interpret import block_inputs, run_block
 from adapterkit.core.layers import supports_inplace_delta
 from adapterkit.core.protocol import Site
@@ -113,12 +113,12 @@ class Host(nn.Module):
             if not any(chosen):
                 return None
             new = apply_select(chosen, plan.slots_for(x), x, hidden, self.select_cache,
-                               inplace=self._inplace and hidden is output)
+                               inplace=self._inplace and hidden is output and inplace_allowed())
         else:
             adapters = self.running()
             if not adapters:
                 return None
-            new = apply_outputs(adapters, x, hidden, inplace=self._inplace and hidden is output)
+            new = apply_outputs(adapters, x, hidden, inplace=self._inplace and hidden is output and inplace_allowed())
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 

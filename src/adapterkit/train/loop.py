@@ -24,6 +24,7 @@ from adapterkit.inject.state import atomic_write, save
 from adapterkit.train.checkpoint import load_checkpoint, save_checkpoint
 from adapterkit.train.data import TextTable
 from adapterkit.train.distributed import Parallel
+from adapterkit.train.recompute import checkpoint_kwargs
 
 
 @dataclass
@@ -40,7 +41,7 @@ class TrainConfig:
     seed: int = 0
     head: list[str] = field(default_factory=lambda: ["classifier"])  # trained with the adapter, saved with it
     grad_accum: int = 1  # split each batch into this many micro-batches (same result, less activation memory)
-    gradient_checkpointing: bool = False  # recompute activations in backward (HF models)
+    gradient_checkpointing: bool | str = False  # recompute in backward (HF models): True/"full" or "selective"
     precision: str = "fp32"  # "fp32", or "bf16" autocast (adapter weights stay float32 masters)
     checkpoint_every: int | None = None  # write a resumable checkpoint every N optimizer steps
     parallel: str = "ddp"  # with several processes: "ddp" (replicate the model) or "fsdp" (shard it)
@@ -157,7 +158,8 @@ def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTa
         enable = getattr(model, "gradient_checkpointing_enable", None)
         if not callable(enable):
             raise AdapterKitError("gradient checkpointing needs a transformers model (gradient_checkpointing_enable)")
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # non-reentrant: works with a frozen base
+        policy = "full" if config.gradient_checkpointing is True else str(config.gradient_checkpointing)
+        enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
     autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
                               enabled=config.precision == "bf16")
     runner, optimizer = dist.prepare(model, optimizer)  # runner: the model, or its DDP wrapper
