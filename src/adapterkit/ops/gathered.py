@@ -12,6 +12,7 @@ lets the two matmuls run over a view of the stacks instead: no copy of the adapt
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,12 +37,11 @@ def segments(slots: Tensor) -> Segments | None:
     Reads the slots on the host: compute it once per batch (``SelectPlan.memo``), not per layer.
     """
     values = slots.tolist()
-    used = sorted(set(values))
-    if not used or used[-1] - used[0] + 1 != len(used) or len(values) % len(used):
+    counts = Counter(values)
+    used = sorted(counts)
+    if not used or used[-1] - used[0] + 1 != len(used) or len(set(counts.values())) != 1:
         return None
-    per_slot = len(values) // len(used)
-    if any(values.count(slot) != per_slot for slot in used):
-        return None
+    per_slot = counts[used[0]]
     in_order = all(a <= b for a, b in zip(values, values[1:], strict=False))
     order = None if in_order else torch.argsort(slots, stable=True)
     return Segments(used[0], len(used), per_slot, order)
