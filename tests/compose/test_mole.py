@@ -94,6 +94,34 @@ def test_balancing_loss_is_switch_and_the_router_learns_from_the_task_loss() -> 
     assert all(g.abs().sum() > 0 for g in task_grads)  # through the gate p_{k*}, not only the aux loss
 
 
+def test_token_mask_keeps_padding_out_of_the_balancing_loss() -> None:
+    model = _model(balance=1.0)
+    ids = tokens(batch=2, length=6)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])  # row 1 ends in two padding tokens
+    seen: list[tuple[str, torch.Tensor]] = []  # (module path, its input), in execution order
+    handles = [module.register_forward_hook(lambda m, args, out, path=path: seen.append((path, args[0])))
+               for path, module, _ in placements(model, "mole")]
+    block = ak.Route(*NAMES, name="mole")
+    with torch.no_grad():
+        with ak.use(model, block, token_mask=mask) as masked:
+            model(input_ids=ids, attention_mask=mask)
+        with ak.use(model, block) as unmasked:
+            model(input_ids=ids, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    routers = {path: host.adapter("mole").router for path, _, host in placements(model, "mole")}
+    real = mask.reshape(-1).bool()
+    for (path, x), got, everything in zip(seen, masked.losses["load_balance"], unmasked.losses["load_balance"]):
+        probs = (x.reshape(-1, x.shape[-1]) @ routers[path].T).softmax(-1)  # (12 tokens, K)
+        expected = switch_loss(probs[real], probs[real].argmax(-1))  # the 10 real tokens only
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert everything.item() == pytest.approx(switch_loss(probs, probs.argmax(-1)).item(), rel=1e-5)
+    assert len(masked.losses["load_balance"]) == 6
+    with pytest.raises(ak.AdapterKitError, match="only apply to a composition block"):
+        with ak.use(model, "x0", token_mask=mask):
+            pass
+
+
 def test_bad_specs_and_targets_are_one_line_errors() -> None:
     with pytest.raises(SpecError, match="top_k must be in 1..experts"):
         MoLE(experts=2, top_k=3)

@@ -15,8 +15,9 @@ Load balancing (Switch Transformer, https://arxiv.org/abs/2101.03961), reported 
 Tokens are grouped by expert (a stable sort, then one slice per expert), and each expert runs only on its own
 tokens, so the cost is one expert per token plus the K x d router, not K experts masked. The paper routes once per
 FFN block for gate, up and down together; here each adapted module has its own router on its own input (attach
-to the FFN projections for the paper's placement), which needs no cross-module state. Padding tokens count in
-f_k and P_k (the combiner does not see the attention mask).
+to the FFN projections for the paper's placement), which needs no cross-module state. With
+``use(..., token_mask=attention_mask)`` (as ``MultiTaskClassifier`` passes it) padding tokens are left out of f_k
+and P_k; without it every token counts.
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ class MoLERouter(nn.Module):
         top_p, top_i = probs.topk(k, dim=-1)  # (N, k)
         if k > 1:
             top_p = top_p / top_p.sum(-1, keepdim=True)
-        if self.spec.balance > 0:
-            call.add_loss("load_balance", self.spec.balance * switch_loss(probs, top_i[:, 0]))
+        if self.spec.balance > 0:  # over real tokens only when use(..., token_mask=) gave the attention mask
+            real = call.real_tokens(x)
+            chosen = top_i[:, 0] if real is None else top_i[real, 0]
+            call.add_loss("load_balance", self.spec.balance * switch_loss(probs if real is None else probs[real],
+                                                                          chosen))
         used = torch.zeros_like(probs).scatter(-1, top_i, top_p)  # (N, K): the weights applied, zero elsewhere
         call.record(used.reshape(*x.shape[:-1], experts))
         # group the (token, expert) assignments by expert: one stable sort, then a contiguous slice per expert

@@ -139,10 +139,12 @@ class BlockPlan:
     scores every layer from one pass); it lives exactly as long as the ``use`` block.
     """
 
-    def __init__(self, block: Any, task_ids: torch.Tensor | None, routing: Routing) -> None:
+    def __init__(self, block: Any, task_ids: torch.Tensor | None, routing: Routing,
+                 token_mask: torch.Tensor | None = None) -> None:
         self.block = block
         self.names = frozenset(block.leaves()) | {name for _, name in block.combiners()}
         self.task_ids = task_ids
+        self.token_mask = token_mask  # (batch, tokens), nonzero for real tokens; None: every token is real
         self.routing = routing
         self.state: dict[str, Any] = {}
         self._on: dict[torch.device, torch.Tensor] = {}
@@ -152,6 +154,14 @@ class BlockPlan:
         if self.task_ids is None:
             raise ValueError("this block routes by task: pass task_ids= to use(...)")
         return per_row(self.task_ids, self._on, x, "use(...) got {given} task ids but the batch has {rows} rows")
+
+    def real_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For an activation ``x`` (batch, tokens, features): a flat bool mask of its real (non-padding) tokens, or
+        None when no mask was given or its shape does not fit ``x`` (e.g. one new token per step in generate)."""
+        mask = self.token_mask
+        if mask is None or x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
+            return None
+        return mask.to(x.device).reshape(-1).bool()
 
 
 _BLOCK: ContextVar[BlockPlan | None] = ContextVar("adapterkit_block", default=None)

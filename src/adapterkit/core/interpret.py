@@ -36,6 +36,10 @@ class Call:
         """Task id per row of ``x``."""
         return self.plan.task_ids_for(x)
 
+    def real_tokens(self, x: Tensor) -> Tensor | None:
+        """Flat bool mask of ``x``'s real tokens (``use(..., token_mask=)``), or None: count every token."""
+        return self.plan.real_tokens(x)
+
     def record(self, weights: Tensor) -> None:
         """Report the routing / fusion weights used here (kept for plots and inspection, detached)."""
         self.plan.routing.record(self.combiner, self.path, weights.detach())

@@ -22,15 +22,16 @@ def activate(model: nn.Module, *names: str) -> None:
 
 
 @contextlib.contextmanager
-def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] | torch.Tensor | None = None
-        ) -> Iterator[Routing]:
+def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] | torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None) -> Iterator[Routing]:
     """Run exactly the named adapters, or one block, inside the ``with`` (none: the base model).
 
     ``use(model, "a", "b")`` runs those adapters whatever is active outside. ``use(model, Select(["a", None]))``
     runs one adapter per example (None: the base model), all rows in one batch; its segment table is built
     here, once. ``use(model, Stack("lang", Fuse("a", "b", name="fusion")), task_ids=...)`` runs a composition
-    block; ``task_ids`` (one per example) feed task routing. The ``with`` yields a ``Routing`` record: the
-    weights learned blocks used and their auxiliary losses (``routing.aux_loss()``).
+    block; ``task_ids`` (one per example) feed task routing, and ``token_mask`` (the attention mask, batch x
+    tokens) keeps padding out of what routers average over (MoLE's load-balancing loss). The ``with`` yields a
+    ``Routing`` record: the weights learned blocks used and their auxiliary losses (``routing.aux_loss()``).
     """
     routing = Routing()
     if len(setup) == 1 and isinstance(setup[0], (Select, Block)):
@@ -54,7 +55,7 @@ def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] 
         found = {n: host.adapter(n) for _, _, host in held for n in host.names() if host.adapter(n).spec.role}
         check_combiners(block, list(found.items()))
         ids = None if task_ids is None else torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
-        plan = BlockPlan(block, ids, routing)
+        plan = BlockPlan(block, ids, routing, token_mask)
         with contextlib.ExitStack() as stack:
             stack.enter_context(override_active(()))
             stack.enter_context(run_block_plan(plan))
@@ -73,8 +74,8 @@ def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] 
             if host.adapter(item).spec.role:
                 raise AdapterKitError(f"use: {item!r} is a combiner; run it through its block")
             break
-    if task_ids is not None:
-        raise AdapterKitError("use: task_ids= only applies to a block that routes by task (TaskRoute)")
+    if task_ids is not None or token_mask is not None:
+        raise AdapterKitError("use: task_ids= and token_mask= only apply to a composition block")
     with override_active(tuple(setup)):  # type: ignore[arg-type]
         yield routing
 

@@ -78,7 +78,8 @@ class MultiTaskClassifier(nn.Module):
         task_ids = torch.as_tensor(task_ids, device=input_ids.device)
         if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= len(self.tasks)):
             raise AdapterKitError(f"task ids must lie in 0..{len(self.tasks) - 1} ({', '.join(self.tasks)})")
-        context = use(self.encoder, self.block, task_ids=task_ids) if self.block is not None else nullcontext()
+        context = (use(self.encoder, self.block, task_ids=task_ids, token_mask=attention_mask)
+                   if self.block is not None else nullcontext())
         with context as routing:
             pooled = self.dropout(self.pooled(input_ids, attention_mask))
         width = max(int(n) for n in self.num_labels.values())
