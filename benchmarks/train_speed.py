@@ -2,9 +2,10 @@
 adapterkit (float32 adapter masters, weights cast to bf16 where used), adapterkit with full and with selective
 gradient checkpointing (train/recompute.py), and adapterkit on a 4-bit NF4 base (QLoRA).
 
-Each variant runs in its own subprocess (peak memory per variant): median step time over --steps steps after
-3 warm-up steps, and peak memory (GPU: max allocated; CPU: peak RSS). A random Llama-shaped model, bf16 weights,
-LoRA r=16 on all 7 linear projections, AdamW, next-token loss.
+Each variant runs in its own subprocess (peak memory per variant), --rounds times in alternation: median step
+time over --steps steps after 3 warm-up steps (median over rounds), and peak memory (GPU: max allocated; CPU:
+peak RSS). A random Llama-shaped model, bf16 weights, LoRA r=16 on all 7 linear projections, AdamW, next-token
+loss.
 
     python benchmarks/train_speed.py                 # CPU: small config (hidden 256, 4 layers, batch 4 x 128)
     python benchmarks/train_speed.py --shape 1.1b    # GPU: hidden 2048, 22 layers, batch 8 x 1024 (the shape)
@@ -100,20 +101,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="run every variant this many times (median)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.shape, args.steps)), flush=True)
         return
-    rows = []
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--one", variant, "--shape", args.shape, "--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not lines:
-            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(lines[0][7:]))
+    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    for _ in range(args.rounds):  # variants alternate within each round, so a slow spell hits all of them
+        for variant in VARIANTS:
+            cmd = [sys.executable, __file__, "--one", variant, "--shape", args.shape, "--steps", str(args.steps)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not lines:
+                sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
+            runs[variant].append(json.loads(lines[0][7:]))
+    rows = [{**found[0], "ms": statistics.median(r["ms"] for r in found),
+             "peak_gib": statistics.median(r["peak_gib"] for r in found), "rounds_ms": [r["ms"] for r in found]}
+            for found in runs.values()]
     floor = rows[0]
     print(f"{args.shape} Llama shape on {floor['device']}, bf16 weights, LoRA r=16 on 7 projections, AdamW")
     print(f"{'run':<38} {'adapter':>9} {'ms/step':>9} {'x floor':>8} {'peak GiB':>9} {'x floor':>8}")
