@@ -12,9 +12,9 @@ the single-LoRA rows: the same runs, read per task.
 FFN projections (intermediate.dense, output.dense) vs one plain LoRA r=8 on the same modules (the same parameters
 active per token). The load-balancing loss enters with MultiTaskClassifier's aux weight 0.01 (Switch's alpha).
 
-Every union run: AdamW, 2 epochs, batch 32, max length 64, lr 1e-3 for heads/router (X-LoRA part) and 5e-4 for
-the LoRA runs (the protocol's LoRA rate); nothing was tuned on the dev sets reported. Dev accuracy after the last
-epoch, per task.
+Every run (task LoRAs and union runs) uses the shared protocol's optimiser settings (``tasks.Protocol``: AdamW,
+batch 16, lr 2e-3, max length 64, 2 epochs, warmup then linear decay); nothing was tuned on the dev sets reported.
+Dev accuracy after the last epoch, per task.
 
     python benchmarks/routing_experiments.py --seed 0 --json results/routing_experiments_s0.json
 """
@@ -81,13 +81,20 @@ def mean_weights(model: MultiTaskClassifier, tokenizer: Any, data: dict[str, tup
     return out
 
 
+def union_config(seed: int, epochs: int) -> TrainConfig:
+    """The protocol's optimiser settings for a union run (the same as the task LoRAs were trained with)."""
+    protocol = Protocol()
+    return TrainConfig(epochs=epochs, lr=protocol.lr, batch_size=protocol.batch_size,
+                       max_length=protocol.max_length, seed=seed)
+
+
 SETUPS = (*(f"lora {t}" for t in TASKS), "uniform average", "x-lora")
 
 
 def xlora_part(seed: int, rows: int, dev_rows: int, only: tuple[str, ...] = SETUPS, epochs: int = 2
                ) -> dict[str, Any]:
     data = union(seed, rows, dev_rows)
-    config = TrainConfig(epochs=epochs, lr=1e-3, batch_size=32, max_length=64, seed=seed)
+    config = union_config(seed, epochs)
     classifier, tokenizer = load_classifier(minilm_dir(), 2)
     encoder = classifier.bert
     for name in TASKS:
@@ -120,7 +127,7 @@ def xlora_part(seed: int, rows: int, dev_rows: int, only: tuple[str, ...] = SETU
 
 def mole_part(seed: int, rows: int, dev_rows: int, experts: int = 4) -> dict[str, Any]:
     data = union(seed, rows, dev_rows)
-    config = TrainConfig(epochs=2, lr=5e-4, batch_size=32, max_length=64, seed=seed)
+    config = union_config(seed, 2)
     results: dict[str, Any] = {}
     for label in ("plain lora", f"mole top-1 of {experts}"):
         seed_everything(seed)
