@@ -1,4 +1,5 @@
-"""The injection engine: the ONLY code that adds or removes anything in a model's module tree.
+"""The injection engine: the ONLY code that adds or removes adapters in a model's module tree (the one other
+edit of the tree, swapping frozen base layers for 4-bit ones before any adapter attaches, is inject/quantize.py).
 
 ``attach`` places a host (see core/host.py) on each target module and gives it the adapter the spec builds;
 ``detach`` removes adapters, and a host with none left is removed with its hooks, so the model is exactly
