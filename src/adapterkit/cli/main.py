@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["full", "selective"],
                        help="recompute activations during backward: 'full' (the default when given) keeps only each "
                             "layer's input; 'selective' keeps the projections' and attention's outputs and "
-                            "recomputes the cheap rest (faster, less saving)")
+                            "recomputes only the cheap rest (meant for large models on a GPU; see RESULTS.md)")
     group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16 autocast for the model's compute; adapter weights stay float32 (default fp32)")
     group.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
