@@ -16,6 +16,7 @@ bitsandbytes is optional: imported only here, on the first call (0.45+ runs 4-bi
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -32,6 +33,9 @@ HEADS = ("lm_head", "classifier", "score", "qa_outputs", "pooler.dense")
 
 
 def _bitsandbytes() -> ModuleType:
+    # On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional inference kernel (from the `kernels`
+    # hub package) is missing; that path is the in-place repacking switched off below, so the warning is noise here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return importlib.import_module("bitsandbytes")
     except Exception as error:  # absent, or present but broken for this torch
