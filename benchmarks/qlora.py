@@ -27,7 +27,7 @@ def one(quantize: str | None, seed: int, rows: int) -> dict:
     import adapterkit as ak
     from _common import minilm_dir, peak_rss_mb
     from adapterkit.cli.commands import load_classifier
-    from adapterkit.inject.quantize import packed_bits
+    from adapterkit.inject.quantize import parameter_bytes
     from adapterkit.train.loop import TrainConfig, fit, seed_everything
     from tasks import Protocol, load_task, subset
 
@@ -40,7 +40,7 @@ def one(quantize: str | None, seed: int, rows: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = fit(model, tokenizer, "sst2", ak.LoRA(r=8, alpha=16), ["query", "value"],
                       subset(task.train, rows, seed), task.dev, config, Path(tmp) / "run")
-    stored, logical = packed_bits(model)
+    stored, logical = parameter_bytes(model)
     adapter = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".adapterkit." in n)
     steps = metrics["steps"]
     return {"seed": seed, "dev_accuracy": metrics["dev_accuracy"], "steps": steps,

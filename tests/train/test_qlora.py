@@ -16,7 +16,7 @@ from tests.conftest import make_tiny, randomize, tokens
 
 import adapterkit as ak
 from adapterkit.core.errors import AdapterKitError, TargetError
-from adapterkit.inject.quantize import packed_bits, quantize_base, quantized_layers
+from adapterkit.inject.quantize import parameter_bytes, quantize_base, quantized_layers
 
 bnb = pytest.importorskip("bitsandbytes")
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -42,7 +42,7 @@ def _with_twin(quant_type: str = "nf4") -> tuple[torch.nn.Module, torch.nn.Modul
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_lora_on_a_4bit_base_equals_the_dequantised_float_model(quant_type: str) -> None:
     model, twin = _with_twin(quant_type)
-    stored, logical = packed_bits(model)
+    stored, logical = parameter_bytes(model)
     assert stored < logical  # the 4-bit layers take ~1/8 of their float32 bytes
     ids = tokens()
     torch.testing.assert_close(model(input_ids=ids).logits, twin(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

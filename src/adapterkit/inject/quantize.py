@@ -96,13 +96,17 @@ def quantized_layers(model: nn.Module) -> list[str]:
     return [path for path, module in model.named_modules() if is_quantized(module)]
 
 
-def packed_bits(model: nn.Module) -> tuple[int, int]:
-    """(bytes of the model's parameters and buffers as stored, bytes they would take in float32)."""
+def parameter_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the model's parameters and buffers as stored -- a 4-bit weight with its block scales and
+    quantisation code --, bytes they would take in float32)."""
     stored = logical = 0
     for tensor in [*model.parameters(), *model.buffers()]:
         stored += tensor.numel() * tensor.element_size()
-        shape = getattr(getattr(tensor, "quant_state", None), "shape", None)
-        logical += 4 * (int(torch.Size(shape).numel()) if shape is not None else tensor.numel())
+        state = getattr(tensor, "quant_state", None)
+        if state is None:
+            logical += 4 * tensor.numel()
+            continue
+        logical += 4 * int(torch.Size(state.shape).numel())
+        extras = state.as_dict(packed=True).values()  # absmax, nested absmax and codes, packed metadata
+        stored += sum(v.numel() * v.element_size() for v in extras if isinstance(v, torch.Tensor))
     return stored, logical
-
-
