@@ -108,9 +108,10 @@ def measure(repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the first published run used 1)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    torch.set_num_threads(args.threads)
     results = measure(args.repeats)
     print(json.dumps(results, indent=1))
     print(f"\nLlama hidden {HIDDEN}, {LAYERS} layers, batch {ROWS} x {TOKENS}, fp32, CPU ({torch.get_num_threads()} "

@@ -142,3 +142,34 @@ def test_a_cache_filled_outside_the_use_block_is_refused() -> None:
         with ak.use(model, EXPERTS), pytest.raises(AdapterKitError, match="filled outside this use") as info:
             model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("ranks", [(4, 4, 4), (2, 4, 8)])
+def test_experts_mixed_in_two_matmuls_equal_the_loop(monkeypatch: pytest.MonkeyPatch, ranks: tuple[int, ...]
+                                                     ) -> None:
+    """LoRA's ``mixed_delta`` (stacked factors, mixed ranks) gives the outputs and gradients of running each expert
+    on its own (the combiner's fallback loop)."""
+    from adapterkit.methods.lora import LoRALinear
+
+    results = []
+    for batched in (True, False):
+        model = make_tiny("llama")
+        for i, rank in enumerate(ranks):
+            ak.attach(model, f"e{i}", ak.LoRA(r=rank), TARGETS)
+            randomize(model, f"e{i}", seed=10 + i, scale=0.2)
+        torch.manual_seed(0)
+        ak.attach(model, "xl", XLoRA(experts=3, hidden_size=32, scaling_pass_value=0.3), TARGETS)
+        if not batched:
+            monkeypatch.setattr(LoRALinear, "mixed_delta", staticmethod(lambda adapters, x, weights: None))
+        ids = tokens()
+        with ak.use(model, EXPERTS):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "adapterkit" in n}
+        results.append((loss.detach(), grads))
+        monkeypatch.undo()
+    (loss, grads), (loop_loss, loop_grads) = results
+    torch.testing.assert_close(loss, loop_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == loop_grads.keys() and any("xl" in n for n in grads)  # the router trains through it
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, loop_grads[name], atol=1e-6, rtol=1e-5)

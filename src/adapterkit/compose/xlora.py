@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.core.host import Host
+from adapterkit.core.interpret import mixed_change
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
 
@@ -123,6 +124,9 @@ class XLoRASlot(nn.Module):
             value = self.spec.scaling_pass_value * self.spec.global_scaling_weight
             if value == 0.0:
                 return out  # the base model: the experts need not run at all
+            mixed = mixed_change(branches, x, x.new_full((len(branches),), value))
+            if mixed is not None:
+                return out + mixed
             result = out
             for branch in branches:
                 delta = branch.change(x, out)
@@ -134,6 +138,9 @@ class XLoRASlot(nn.Module):
         if weights.shape[:2] != out.shape[:2]:
             raise AdapterKitError(f"X-LoRA at {call.path!r}: scalings for {tuple(weights.shape[:2])} tokens, the "
                                   f"module's output has {tuple(out.shape[:2])}")
+        mixed = mixed_change(branches, x, weights)  # every expert in two matmuls, when they allow it
+        if mixed is not None:
+            return out + mixed
         result = out
         for k, branch in enumerate(branches):
             delta = branch.change(x, out)  # (B, L, out)

@@ -128,6 +128,21 @@ def common_parts(branches: Sequence[Branch], x: Tensor, out: Tensor, where: str
     return first.stream, [None if p is None else p.delta for p in parts], first.finish
 
 
+def mixed_change(branches: Sequence[Branch], x: Tensor, weights: Tensor) -> Tensor | None:
+    """``sum_k weights[..., k] * delta_k(x)`` in one computation when every branch is a parallel adapter of one
+    type that offers ``mixed_delta`` (a method's batched mixture, e.g. LoRA's two matmuls over its stacked factors
+    instead of two per branch); None otherwise, and the combiner runs the branches one by one.
+
+    ``weights``: (..., K), one weight per branch, broadcast over ``x``'s leading dimensions.
+    """
+    adapters = [branch.adapter for branch in branches]
+    if not adapters or any(a is None or a.site is not Site.PARALLEL for a in adapters):
+        return None
+    kinds = {type(a) for a in adapters}
+    mixed = getattr(next(iter(kinds)), "mixed_delta", None) if len(kinds) == 1 else None
+    return None if mixed is None else mixed(adapters, x, weights)
+
+
 def run_block(child: Any, host: Any, x: Tensor, out: Tensor, plan: BlockPlan) -> Tensor:
     """``out`` transformed by ``child`` (an adapter name or a block) on ``host``; ``x`` is the module's input."""
     if isinstance(child, str):

@@ -156,6 +156,22 @@ class LoRALinear(_LowRank):
         return multi_lora(x, a_stack, b_stack, slots, cache["ranks"], into, groups)
 
 
+    @staticmethod
+    def mixed_delta(adapters: Sequence[LoRALinear], x: Tensor, weights: Tensor) -> Tensor | None:
+        """``sum_k weights[..., k] * s_k B_k A_k x`` for K LoRAs on one layer in two matmuls: the A factors stacked
+        into one (sum r_k, in) matrix, each token's weights spread over its expert's r_k rows, the B factors side by
+        side. Used by mixtures that weight every expert per token (X-LoRA); gradients reach the factors and the
+        weights. None when an adapter has dropout (each expert would draw its own mask): the caller loops."""
+        if any(a.dropout is not None for a in adapters):
+            return None
+        a_cat = torch.cat([as_compute(a.lora_a, x) for a in adapters])  # (sum r, in)
+        b_cat = torch.cat([as_compute(a.lora_b, x) for a in adapters], dim=1)  # (out, sum r)
+        ranks = torch.tensor([a.lora_a.shape[0] for a in adapters], device=x.device)
+        scales = torch.tensor([a.scale for a in adapters], dtype=weights.dtype, device=weights.device)
+        spread = torch.repeat_interleave(weights * scales, ranks, dim=-1)  # (..., sum r)
+        return F.linear(F.linear(x, a_cat) * spread.to(x.dtype), b_cat)  # (..., out)
+
+
 class LoRAConv2d(_LowRank):
     """LoRA beside a Conv2d: A is a conv with the base's kernel, stride and padding; B is 1x1."""
 
