@@ -7,7 +7,11 @@ time over --steps steps after 3 warm-up steps (median over rounds), and peak mem
 peak RSS). A random Llama-shaped model, bf16 weights, LoRA r=16 on all 7 linear projections, AdamW, next-token
 loss.
 
-    python benchmarks/train_speed.py                 # CPU: small config (hidden 256, 4 layers, batch 4 x 128)
+With --interleave the step times come instead from one process holding every variant and stepping them in turn:
+on a CPU the single-process times swing by +-15 % with where the allocator puts the large logits tensors, which
+alternating cancels (benchmarks/RESULTS.md).
+
+    python benchmarks/train_speed.py --interleave    # CPU: small config (hidden 256, 4 layers, batch 4 x 128)
     python benchmarks/train_speed.py --shape 1.1b    # GPU: hidden 2048, 22 layers, batch 8 x 1024 (the issue's shape)
 """
 
@@ -30,13 +34,13 @@ VARIANTS = ["floor", "peft default", "peft bf16 adapters", "adapterkit", "adapte
             "adapterkit + selective checkpointing", "adapterkit QLoRA (NF4 base)"]
 
 
-def one(variant: str, shape: str, steps: int) -> dict:
+def prepare(variant: str, shape: str):
+    """(step function running one training step, adapter master dtype, device) for ``variant``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers, inter, heads, kv, vocab, batch, tokens = SHAPES[shape]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(min(torch.get_num_threads(), 16))
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
                          num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
@@ -66,13 +70,8 @@ def one(variant: str, shape: str, steps: int) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     model.train()
     ids = torch.randint(0, vocab, (batch, tokens), device=device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps + 3):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step() -> None:
         if variant == "floor":  # frozen stack: gradients reach only the input embeddings
             embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
             loss = model(inputs_embeds=embeds, labels=ids).loss
@@ -82,19 +81,56 @@ def one(variant: str, shape: str, steps: int) -> dict:
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - start)
+
+    return step, (str(params[0].dtype) if params else "-"), device
+
+
+def timed(step, device: str) -> float:
+    """Seconds of one call of ``step`` (synchronised on a GPU)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def one(variant: str, shape: str, steps: int) -> dict:
+    """Median step and peak memory of ``variant`` alone in this process."""
+    import torch
+
+    torch.set_num_threads(min(torch.get_num_threads(), 16))
+    step, master, device = prepare(variant, shape)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [timed(step, device) for _ in range(steps + 3)][3:]
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    master = str(params[0].dtype) if params else "-"
     return {"variant": variant, "ms": 1000 * statistics.median(times), "peak_gib": peak, "adapter_dtype": master,
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+
+
+def interleaved(shape: str, steps: int) -> dict[str, float]:
+    """Median step of every variant, all built in this process and stepped in turn (one step each, round after
+    round), so allocator state and machine load fall on all of them alike; ms per variant."""
+    import torch
+
+    torch.set_num_threads(min(torch.get_num_threads(), 16))
+    built = {variant: prepare(variant, shape) for variant in VARIANTS}
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for index in range(steps + 3):
+        for variant, (step, _, device) in built.items():
+            elapsed = timed(step, device)
+            if index >= 3:
+                times[variant].append(elapsed)
+    return {variant: 1000 * statistics.median(values) for variant, values in times.items()}
 
 
 def main() -> None:
@@ -102,6 +138,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=1, help="run every variant this many times (median)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="also time every variant in one process, stepping them in turn (the ms column then "
+                             "comes from that run; peak memory still from one process per variant)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,6 +159,10 @@ def main() -> None:
     rows = [{**found[0], "ms": statistics.median(r["ms"] for r in found),
              "peak_gib": statistics.median(r["peak_gib"] for r in found), "rounds_ms": [r["ms"] for r in found]}
             for found in runs.values()]
+    if args.interleave:
+        together = interleaved(args.shape, args.steps)
+        for row in rows:
+            row["ms alone"], row["ms"] = row["ms"], together[row["variant"]]
     floor = rows[0]
     print(f"{args.shape} Llama shape on {floor['device']}, bf16 weights, LoRA r=16 on 7 projections, AdamW")
     print(f"{'run':<38} {'adapter':>9} {'ms/step':>9} {'x floor':>8} {'peak GiB':>9} {'x floor':>8}")
