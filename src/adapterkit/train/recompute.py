@@ -8,9 +8,9 @@ one extra forward costs ~50% instead of ~33% for full fine-tuning).
 projections) and attention -- and recomputes the rest (norms, activations, rotary, residual adds, the adapters'
 rank-r products) in backward, with torch's selective activation checkpointing. The recompute then costs a few
 elementwise passes instead of a forward; memory falls less than with ``full`` because the projections' outputs
-stay. It pays where the matmuls dominate (large models on a GPU; not measured yet). On a small CPU model it is
-slower than ``full`` (benchmarks/RESULTS.md: 1.29x vs 1.10x the unchecked step): torch routes every op of the
-region through a Python dispatch mode to apply the policy, and at that size the bookkeeping outweighs the saving.
+stay. It pays where the matmuls dominate (large models on a GPU; not measured yet). On a small CPU model it is no
+faster than ``full`` (benchmarks/RESULTS.md: 1.52x vs 1.44x the unchecked step): torch routes every op of the
+region through a Python dispatch mode to apply the policy, and at that size the bookkeeping eats the saving.
 """
 
 from __future__ import annotations
