@@ -126,3 +126,9 @@ def test_cli_trains_and_evaluates_on_a_4bit_base(tmp_path: Path, monkeypatch: py
     code, stdout, stderr = run_cli(["eval", "run"])  # rebuilds the 4-bit base from run.json, then loads
     assert code == 0, stderr
     assert '"accuracy"' in stdout
+    code, stdout, stderr = run_cli(["merge", "run", "--out", "merged"])  # into the float model, as QLoRA merges
+    assert code == 0, stderr
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert all(p.is_floating_point() for p in merged.parameters())

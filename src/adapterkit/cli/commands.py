@@ -128,18 +128,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run: str) -> tuple[dict[str, Any], Any, Any]:
+def _load_run(run: str, float_base: bool = False) -> tuple[dict[str, Any], Any, Any]:
+    """The run's record, its model with the adapter loaded, and the tokenizer. A run trained on a 4-bit base gets
+    the same base rebuilt (quantising is deterministic), or with ``float_base`` the float model it was quantised
+    from: the QLoRA way to merge, the adapter's 4-bit fingerprint set aside on purpose."""
     record_file = Path(run, "run.json")
     if not record_file.is_file():
         raise AdapterKitError(f"{run}: no run.json (not a folder written by `adapterkit train`)")
     record = json.loads(record_file.read_text())
     model, tokenizer = load_classifier(record["model"], len(record["labels"]))
     config = record.get("config", {})
-    if config.get("quantize"):  # trained on a 4-bit base: rebuild the same base (quantising is deterministic)
+    quantized = bool(config.get("quantize"))
+    if quantized and not float_base:
         from adapterkit.inject.quantize import HEADS, quantize_base
 
         quantize_base(model, config["quantize"], skip=(*HEADS, *config.get("head", [])))
-    ak.load(model, Path(run, "adapter"))
+    ak.load(model, Path(run, "adapter"), strict_base=not (quantized and float_base))
     return record, model, tokenizer
 
 
@@ -190,7 +194,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from adapterkit.train.loop import check_writable
 
     check_writable(Path(args.out))  # fail before loading anything
-    _, model, tokenizer = _load_run(args.run)
+    _, model, tokenizer = _load_run(args.run, float_base=True)  # a QLoRA adapter merges into the float model
     ak.merge(model, "adapter")
     ak.detach(model, "adapter", keep_merged=True)
     out = Path(args.out)
