@@ -42,6 +42,23 @@ def test_mixed_batch_equals_each_example_alone() -> None:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("names", [["c", "a", "b"], ["a", "b", "a", "b"], ["a", "a", "b"]])
+def test_beam_rows_repeat_their_example_adapter(names: list[str]) -> None:
+    """A batch of k rows per example (beam search's layout) uses each example's adapter on its k rows, through the
+    grouped path (equal groups, sorted or not) and the gathered one (unequal groups)."""
+    model = _llama_with_adapters()
+    for name in "abc":  # equal ranks: every slot's factors stack without padding
+        ak.detach(model, name)
+        ak.attach(model, name, ak.LoRA(r=4), ["q_proj", "v_proj", "down_proj"])
+        randomize(model, name, scale=0.2, seed=ord(name))
+    ids = tokens(batch=len(names), length=7).repeat_interleave(2, dim=0)  # 2 beams per example
+    with ak.use(model, ak.Select(names)):
+        mixed = model(input_ids=ids).logits
+    torch.testing.assert_close(mixed, _alone(model, ids, [n for n in names for _ in range(2)]), atol=1e-5,
+                               rtol=1e-5)
+
+
+@torch.no_grad()
 def test_other_methods_fall_back_per_adapter() -> None:
     model = make_tiny("llama")
     ak.attach(model, "lora", ak.LoRA(r=4), ["q_proj"])

@@ -61,6 +61,10 @@ class SelectPlan:
         self._on: dict[torch.device, torch.Tensor] = {}
         self.memo: dict[Any, Any] = {}
 
+    def host_slots(self, rows: int) -> torch.Tensor:
+        """The row slots of a ``rows``-row batch as a host (CPU) tensor: beams repeat each example's slot."""
+        return self.slots if rows == len(self.slots) else self.slots.repeat_interleave(rows // len(self.slots))
+
     def slots_for(self, x: torch.Tensor) -> torch.Tensor:
         """Row slots for an activation ``x`` (batch first); beams (batch * k rows) repeat each row's slot."""
         return per_row(self.slots, self._on, x, "Select has {given} rows but the batch has {rows}")

@@ -152,7 +152,9 @@ class LoRALinear(_LowRank):
         groups = None
         if plan is not None:  # the row grouping, derived once per batch for every layer
             key = ("lora segments", slots.device, slots.shape[0])
-            groups = plan.memo[key] if key in plan.memo else plan.memo.setdefault(key, segments(slots))
+            if key not in plan.memo:  # from the plan's host copy of the slots: no device sync
+                plan.memo[key] = segments(plan.host_slots(slots.shape[0]), slots.device)
+            groups = plan.memo[key]
         return multi_lora(x, a_stack, b_stack, slots, cache["ranks"], into, groups)
 
 

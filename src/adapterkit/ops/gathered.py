@@ -31,10 +31,11 @@ class Segments:
     order: Tensor | None
 
 
-def segments(slots: Tensor) -> Segments | None:
+def segments(slots: Tensor, device: torch.device | None = None) -> Segments | None:
     """The grouping of ``slots`` (batch,) when the slots in use are contiguous and equally filled, else None.
 
-    Reads the slots on the host: compute it once per batch (``SelectPlan.memo``), not per layer.
+    Reads the slots as Python numbers: pass a host copy (no device sync) and compute it once per batch
+    (``SelectPlan.memo``), not per layer; ``order`` is placed on ``device`` (default: the slots' device).
     """
     values = slots.tolist()
     counts = Counter(values)
@@ -43,7 +44,7 @@ def segments(slots: Tensor) -> Segments | None:
         return None
     per_slot = counts[used[0]]
     in_order = all(a <= b for a, b in zip(values, values[1:], strict=False))
-    order = None if in_order else torch.argsort(slots, stable=True)
+    order = None if in_order else torch.argsort(slots, stable=True).to(device or slots.device)
     return Segments(used[0], len(used), per_slot, order)
 
 
