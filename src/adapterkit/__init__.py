@@ -38,6 +38,7 @@ from adapterkit.core.errors import (
 )
 from adapterkit.core.registry import combiners, methods, spec_class, spec_from_dict
 from adapterkit.inject.engine import attach, detach, train_only
+from adapterkit.inject.quantize import quantize_base
 from adapterkit.inject.select import explain
 from adapterkit.inject.state import load, read, save
 from adapterkit.merge.merging import is_merged, merge, unmerge
@@ -68,4 +69,5 @@ __all__ = [
     "Poly", "attach_poly", "mhr_mu", "mhr_z", "task_routing",
     "MoLE", "XLoRA",
     "Fusion", "MixDA", "ScaLearn",
+    "quantize_base",  # QLoRA: a 4-bit base (inject/quantize.py; bitsandbytes imported on first use)
 ]
