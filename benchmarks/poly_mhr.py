@@ -34,7 +34,7 @@ import adapterkit as ak
 from _common import minilm_dir
 from adapterkit.compose.poly import PolyRouter
 from adapterkit.train.loop import encode, seed_everything
-from adapterkit.train.multitask import MultiTaskClassifier, evaluate_multitask
+from adapterkit.train.multitask import MultiTaskClassifier, evaluate_multitask, task_batches
 from adapterkit.train.routing_plot import plot_task_routing
 from tasks import SPLIT_SEED, load_task, subset
 
@@ -52,19 +52,6 @@ def _encoder(seed: int) -> torch.nn.Module:
     seed_everything(seed)
     logging.set_verbosity_error()
     return AutoModel.from_pretrained(minilm_dir())
-
-
-def _batches(encoded: list[Any], rows: list[tuple[int, int]], pad: int):
-    for start in range(0, len(rows), BATCH):
-        chunk = rows[start:start + BATCH]
-        width = max(len(encoded[t].ids[r]) for t, r in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (t, r) in enumerate(chunk):
-            seq = encoded[t].ids[r]
-            ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
-        labels = torch.stack([encoded[t].labels[r] for t, r in chunk])
-        yield ids, mask, torch.tensor([t for t, _ in chunk]), labels
 
 
 def train(model: MultiTaskClassifier, tables: list[Any], devs: list[Any], epochs: int, seed: int, pad: int
@@ -85,7 +72,7 @@ def train(model: MultiTaskClassifier, tables: list[Any], devs: list[Any], epochs
     start = time.perf_counter()
     for _ in range(epochs):
         order.shuffle(rows)
-        for ids, mask, task_ids, labels in _batches(tables, rows, pad):
+        for ids, mask, task_ids, labels in task_batches(tables, rows, BATCH, pad):
             out = model(ids, mask, task_ids, labels)
             out.loss.backward()
             optimizer.step()

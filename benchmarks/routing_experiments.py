@@ -33,7 +33,7 @@ import adapterkit as ak
 from _common import minilm_dir
 from adapterkit.cli.commands import load_classifier
 from adapterkit.train.loop import TrainConfig, encode, seed_everything
-from adapterkit.train.multitask import MultiTaskClassifier, _batches, train_multitask
+from adapterkit.train.multitask import MultiTaskClassifier, task_batches, train_multitask
 from tasks import SPLIT_SEED, Protocol, load_task, subset, train_once, with_rows
 
 TASKS = ("sst2", "subj", "trec")
@@ -72,7 +72,7 @@ def mean_weights(model: MultiTaskClassifier, tokenizer: Any, data: dict[str, tup
     model.eval()
     for index, task in enumerate(data):
         rows = [(index, r) for r in range(min(64, len(encoded[index].ids)))]
-        ids, mask, tasks, _ = next(_batches(encoded, rows, 64, tokenizer.pad_token_id or 0))
+        ids, mask, tasks, _ = next(task_batches(encoded, rows, 64, tokenizer.pad_token_id or 0))
         with torch.no_grad():
             routing = model(ids, mask, tasks).routing
         stacked = torch.stack([w[mask.bool()] for w in routing.weights[name].values()])  # (modules, tokens, K)

@@ -152,6 +152,7 @@ class BlockPlan:
         self.routing = routing
         self.state: dict[str, Any] = {}
         self._on: dict[torch.device, torch.Tensor] = {}
+        self._real: dict[torch.device, torch.Tensor] = {}
 
     def task_ids_for(self, x: torch.Tensor) -> torch.Tensor:
         """Task id per row of ``x`` (beams repeat their example's id); a clear error when none were given."""
@@ -165,7 +166,10 @@ class BlockPlan:
         mask = self.token_mask
         if mask is None or x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
             return None
-        return mask.to(x.device).reshape(-1).bool()
+        flat = self._real.get(x.device)
+        if flat is None:  # once per device and use block, not once per routed module
+            flat = self._real[x.device] = mask.to(x.device).reshape(-1).bool()
+        return flat
 
 
 _BLOCK: ContextVar[BlockPlan | None] = ContextVar("adapterkit_block", default=None)

@@ -112,7 +112,25 @@ def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
     return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]), value=float("-inf"))
 
 
-class CompletionRunner:
+class _Runner:
+    """What both runners share: tokenising a request, and refusing unknown adapters before a batch runs."""
+
+    tokenizer: Any
+    store: AdapterStore
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        """Token ids of a prompt or input text (with the tokenizer's special tokens)."""
+        return tuple(self.tokenizer(text)["input_ids"])
+
+    def __call__(self, rows: Sequence[Row]) -> list[Any]:
+        """One result per row (see ``_run``)."""
+        return with_known_adapters(self.store, rows, self._run)
+
+    def _run(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class CompletionRunner(_Runner):
     """Greedy decoding for a batch of prompts: left-padded, one adapter per row, one ``generate`` call."""
 
     kind = "completions"
@@ -123,16 +141,9 @@ class CompletionRunner:
         self.eos_id = tokenizer.eos_token_id
         self.device = next(model.parameters()).device
 
-    def encode(self, text: str) -> tuple[int, ...]:
-        """Token ids of a prompt."""
-        return tuple(self.tokenizer(text)["input_ids"])
-
-    def __call__(self, rows: Sequence[Row]) -> list[Any]:
-        """One result per row: text, finish_reason ("stop" at end-of-text, else "length"), token counts."""
-        return with_known_adapters(self.store, rows, self._run)
-
     @torch.no_grad()
     def _run(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
+        """One result per row: text, finish_reason ("stop" at end-of-text, else "length"), token counts."""
         ids, mask = pad_rows(rows, self.pad_id, left=True)
         width = ids.shape[1]
         with self.store.lock, per_row(self.store, [r.adapter for r in rows]):
@@ -150,7 +161,7 @@ class CompletionRunner:
         return results
 
 
-class ClassifyRunner:
+class ClassifyRunner(_Runner):
     """Class probabilities for a batch of texts (right-padded), each row through its adapter and its own head."""
 
     kind = "classify"
@@ -162,16 +173,9 @@ class ClassifyRunner:
         id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
         self.base_labels = [str(id2label[i]) for i in sorted(id2label)]
 
-    def encode(self, text: str) -> tuple[int, ...]:
-        """Token ids of an input text (with the tokenizer's special tokens)."""
-        return tuple(self.tokenizer(text)["input_ids"])
-
-    def __call__(self, rows: Sequence[Row]) -> list[Any]:
-        """One result per row: {"label", "probabilities": {label: p}}."""
-        return with_known_adapters(self.store, rows, self._run)
-
     @torch.no_grad()
     def _run(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
+        """One result per row: {"label", "probabilities": {label: p}, "prompt_tokens"}."""
         ids, mask = pad_rows(rows, self.pad_id, left=False)
         with self.store.lock, per_row(self.store, [r.adapter for r in rows]):
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits

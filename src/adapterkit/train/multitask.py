@@ -104,8 +104,9 @@ def _union(encoded: list[Encoded]) -> list[tuple[int, int]]:
     return [(task, row) for task, table in enumerate(encoded) for row in range(len(table.ids))]
 
 
-def _batches(encoded: list[Encoded], rows: list[tuple[int, int]], size: int, pad_id: int
-             ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+def task_batches(encoded: list[Encoded], rows: list[tuple[int, int]], size: int, pad_id: int
+                 ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """(ids, mask, task ids, labels) batches of ``size`` (task, row) pairs, each padded to its longest row."""
     for start in range(0, len(rows), size):
         chunk = rows[start:start + size]
         width = max(len(encoded[t].ids[r]) for t, r in chunk)
@@ -130,7 +131,7 @@ def evaluate_multitask(model: MultiTaskClassifier, encoded: list[Encoded], batch
     for index, task in enumerate(model.tasks):
         rows = [(index, r) for r in range(len(encoded[index].ids))]
         correct = 0
-        for ids, mask, tasks, labels in _batches(encoded, rows, batch_size, pad_id):
+        for ids, mask, tasks, labels in task_batches(encoded, rows, batch_size, pad_id):
             correct += int((model(ids, mask, tasks).logits.argmax(-1) == labels).sum())
         scores[task] = 100.0 * correct / max(1, len(rows))
     model.train(was_training)
@@ -165,7 +166,7 @@ def train_multitask(model: MultiTaskClassifier, tokenizer: Any, tasks: dict[str,
     for _ in range(config.epochs):
         order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
         start = time.perf_counter()
-        for ids, mask, task_ids, labels in _batches(train_enc, order, config.batch_size, pad_id):
+        for ids, mask, task_ids, labels in task_batches(train_enc, order, config.batch_size, pad_id):
             if step >= total:
                 break
             out = model(ids, mask, task_ids, labels)
