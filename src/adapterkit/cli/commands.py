@@ -140,9 +140,7 @@ def _load_run(run: str, float_base: bool = False) -> tuple[dict[str, Any], Any, 
     config = record.get("config", {})
     quantized = bool(config.get("quantize"))
     if quantized and not float_base:
-        from adapterkit.inject.quantize import HEADS, quantize_base
-
-        quantize_base(model, config["quantize"], skip=(*HEADS, *config.get("head", [])))
+        ak.quantize_base(model, config["quantize"], keep=config.get("head", []))
     ak.load(model, Path(run, "adapter"), strict_base=not (quantized and float_base))
     return record, model, tokenizer
 

@@ -44,14 +44,16 @@ def _bitsandbytes() -> ModuleType:
 
 
 def quantize_base(model: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype | None = None,
-                  double_quant: bool = True, skip: Sequence[str] = HEADS) -> list[str]:
-    """Replace every ``nn.Linear`` of ``model`` (except paths ending in one of ``skip``) by a 4-bit layer.
+                  double_quant: bool = True, skip: Sequence[str] = HEADS, keep: Sequence[str] = ()) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` (except paths ending in one of ``skip`` or ``keep``) by a 4-bit
+    layer.
 
     Args:
         quant_type: "nf4" (4-bit NormalFloat, the paper's choice) or "fp4".
         compute_dtype: dtype the layer dequantises to and computes in; default the layer's weight dtype.
         double_quant: also quantise the block scales (saves ~0.37 bits per weight).
         skip: path suffixes left in full precision (default: output heads).
+        keep: more such suffixes, on top of ``skip`` (e.g. modules trained beside the adapter).
 
     Returns:
         the paths of the quantised layers. Call before attaching adapters.
@@ -63,7 +65,7 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4", compute_dtype: torc
         raise TargetError(f"quantize_base: {adapted[0]} already holds adapters; quantise the base before attaching")
     bnb = _bitsandbytes()
     chosen = [(path, module) for path, module in model.named_modules()
-              if type(module) is nn.Linear and not any(path == s or path.endswith("." + s) for s in skip)]
+              if type(module) is nn.Linear and not any(path == s or path.endswith("." + s) for s in (*skip, *keep))]
     for path, module in chosen:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.core.spec import AdapterSpec
 from adapterkit.inject.engine import attach, train_only
-from adapterkit.inject.quantize import HEADS, quantize_base
+from adapterkit.inject.quantize import quantize_base
 from adapterkit.inject.state import atomic_write, save
 from adapterkit.train.checkpoint import load_checkpoint, save_checkpoint
 from adapterkit.train.data import TextTable
@@ -216,7 +216,7 @@ def fit(model: nn.Module, tokenizer: Any, name: str, spec: AdapterSpec, targets:
     """
     check_writable(out)
     if config.quantize:  # QLoRA: the frozen Linear layers go to 4 bits; the head stays float and trains
-        quantize_base(model, config.quantize, skip=(*HEADS, *config.head))
+        quantize_base(model, config.quantize, keep=config.head)
     attach(model, name, spec, targets)
     trainable = train_only(model, name, also=config.head)
     dist = Parallel(config.parallel)
