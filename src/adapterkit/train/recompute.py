@@ -16,6 +16,7 @@ region through a Python dispatch mode to apply the policy, and at that size the 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -57,24 +58,16 @@ def checkpoint_kwargs(policy: str) -> dict[str, Any]:
     return kwargs
 
 
-def _selective_contexts() -> tuple[contextlib.ExitStack, contextlib.ExitStack]:
+def _selective_contexts() -> tuple[Any, Any]:
     """torch's selective-checkpoint contexts for the forward and the recompute, each also turning off in-place
     deltas: the cached output of a base projection must stay the base output."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     forward, recompute = create_selective_checkpoint_contexts(_policy)
-    return _together(forward), _together(recompute)
+    return _without_inplace(forward), _without_inplace(recompute)
 
 
-class _together(contextlib.ExitStack):
-    """``context`` and ``no_inplace()``, entered and left as one."""
-
-    def __init__(self, context: Any) -> None:
-        super().__init__()
-        self._context = context
-
-    def __enter__(self) -> _together:
-        super().__enter__()
-        self.enter_context(no_inplace())
-        self.enter_context(self._context)
-        return self
+@contextlib.contextmanager
+def _without_inplace(context: Any) -> Iterator[None]:
+    with no_inplace(), context:
+        yield
