@@ -69,10 +69,10 @@ def measure(repeats: int) -> dict[str, float]:
     blocks = {"mole": ak.Route(*[f"x{i}" for i in range(8)], name="mole"), "xlora": ak.Route("x0", "x1", "x2",
                                                                                               name="xlora")}
 
+    from adapterkit.methods.lora import LoRALinear
+
     def run(setup, loop: bool = False):
         def go() -> torch.Tensor:
-            from adapterkit.methods.lora import LoRALinear
-
             mixed = LoRALinear.mixed_delta
             if loop:  # the combiner's fallback: each expert on its own, then a weighted add
                 LoRALinear.mixed_delta = staticmethod(lambda adapters, x, weights: None)  # type: ignore[method-assign]
