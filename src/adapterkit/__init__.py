@@ -39,8 +39,9 @@ from adapterkit.core.errors import (
 from adapterkit.core.registry import combiners, methods, spec_class, spec_from_dict
 from adapterkit.inject.engine import attach, detach, train_only
 from adapterkit.inject.quantize import quantize_base
+from adapterkit.inject.record import read
 from adapterkit.inject.select import explain
-from adapterkit.inject.state import load, read, save
+from adapterkit.inject.state import load, save
 from adapterkit.merge.merging import is_merged, merge, unmerge
 from adapterkit.methods.adapterbit import AdapterBit
 from adapterkit.methods.bitfit import BitFit

@@ -12,41 +12,22 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import nn
 
 from adapterkit.core.errors import StateError
+from adapterkit.core.files import atomic_write
 from adapterkit.core.host import HOST_ATTR, host_of
 from adapterkit.core.protocol import Packed, Resizable
 from adapterkit.core.registry import spec_from_dict
 from adapterkit.inject.engine import adapter_names, attach, detach, hosts, placements, set_active
 from adapterkit.inject.fingerprint import module_fingerprint
+from adapterkit.inject.record import FORMAT_VERSION, RECORD, read
 from adapterkit.inject.select import select
-
-FORMAT_VERSION = 1
-RECORD = "adapter.json"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def module_tensors(model: nn.Module, suffixes: tuple[str, ...],
@@ -105,42 +86,6 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, mod
         if stale.name != weights_name:
             stale.unlink(missing_ok=True)
     return out
-
-
-def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The record and tensors of a saved adapter, verified (missing, truncated, corrupt or newer -> StateError)."""
-    folder = Path(path)
-    record = _read_record(folder)
-    weights = folder / str(record.get("weights", ""))
-    try:
-        blob = weights.read_bytes()
-    except OSError:
-        raise StateError(f"{folder}: weights file {weights.name!r} named in {RECORD} is missing") from None
-    if hashlib.sha256(blob).hexdigest() != record.get("weights_sha256"):
-        raise StateError(f"{weights}: contents do not match the sha256 in {RECORD} (truncated or corrupted file)")
-    try:
-        tensors = load_bytes(blob)
-    except (SafetensorError, ValueError) as exc:
-        raise StateError(f"{weights}: not a valid safetensors file ({exc})") from None
-    return record, tensors
-
-
-def _read_record(folder: Path) -> dict[str, Any]:
-    file = folder / RECORD
-    if not file.is_file():
-        raise StateError(f"{folder}: no {RECORD} here; is this an adapterkit adapter directory?")
-    try:
-        record = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StateError(f"{file}: invalid JSON ({exc})") from None
-    version = record.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise StateError(f"{file}: format_version {version!r} is newer than this adapterkit reads "
-                         f"({FORMAT_VERSION}); upgrade adapterkit")
-    for key in ("spec", "targets", "fingerprint", "weights"):
-        if key not in record:
-            raise StateError(f"{file}: missing key {key!r}")
-    return record
 
 
 def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, strict_base: bool = True) -> str:

@@ -19,9 +19,10 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from adapterkit.core.errors import StateError
+from adapterkit.core.files import atomic_write
 from adapterkit.core.layers import is_conv1d, layer_info
 from adapterkit.inject.engine import attach, placements
-from adapterkit.inject.state import atomic_write, module_tensors
+from adapterkit.inject.state import module_tensors
 from adapterkit.methods.dora import DoRA
 from adapterkit.methods.lora import LoRA
 

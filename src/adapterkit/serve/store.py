@@ -30,7 +30,7 @@ from adapterkit.core.host import host_of
 from adapterkit.core.registry import spec_from_dict
 from adapterkit.inject.engine import attach, detach, set_active
 from adapterkit.inject.fingerprint import module_fingerprint
-from adapterkit.inject.state import RECORD, read
+from adapterkit.inject.record import RECORD, read
 
 # Letters, digits, '_' and '-', not starting with a digit: the attach-name rule, and no '/', '.' or '\\', so a
 # name can never leave the adapters folder.

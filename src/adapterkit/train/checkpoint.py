@@ -17,7 +17,7 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from adapterkit.core.errors import StateError
-from adapterkit.inject.state import atomic_write
+from adapterkit.core.files import atomic_write
 
 FORMAT_VERSION = 1
 KEY = "adapterkit_checkpoint"

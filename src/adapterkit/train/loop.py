@@ -17,10 +17,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adapterkit.core.errors import AdapterKitError
+from adapterkit.core.files import atomic_write
 from adapterkit.core.spec import AdapterSpec
 from adapterkit.inject.engine import attach, train_only
 from adapterkit.inject.quantize import quantize_base
-from adapterkit.inject.state import atomic_write, save
+from adapterkit.inject.state import save
 from adapterkit.train.checkpoint import load_checkpoint, save_checkpoint
 from adapterkit.train.data import TextTable
 from adapterkit.train.distributed import Parallel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from adapterkit.inject.state import atomic_write
+from adapterkit.core.files import atomic_write
 
 
 def training_curve(history: dict[str, list], path: Path, title: str) -> None:

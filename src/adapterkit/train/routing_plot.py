@@ -18,7 +18,7 @@ from torch import Tensor
 
 from adapterkit.core.context import Routing
 from adapterkit.core.errors import AdapterKitError
-from adapterkit.inject.state import atomic_write
+from adapterkit.core.files import atomic_write
 
 Panel = tuple[str, Tensor, list[str], list[str], str]  # title, matrix (rows, cols), row labels, col labels, x label
 
