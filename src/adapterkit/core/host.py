@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from adapterkit.core.context import active_override, block_plan, inplace_allowed, select_plan
+from adapterkit.core.errors import AdapterKitError
 from adapterkit.core.interpret import block_inputs, run_block
-from adapterkit.core.layers import supports_inplace_delta
+from adapterkit.core.layers import read_weight, supports_inplace_delta, write_weight
 from adapterkit.core.protocol import Site
 from adapterkit.core.run import apply_inputs, apply_outputs, apply_select, select_inputs
 
@@ -29,6 +31,8 @@ class Host(nn.Module):
         self.path = path  # the base module's path in the model: names routing reports and errors
         self.active: list[str] = []
         self.merged: list[str] = []
+        # per adapter: paths of the modules trained beside it (train_only's ``also``), saved with it by default
+        self.beside: dict[str, list[str]] = {}
         self.fingerprint = fingerprint
         self._has_inputs = False  # lets the pre-hook return at once in the common case
         self.select_cache: dict[str, Any] = {}  # stacked weights for Select, reused while they are unchanged
@@ -62,7 +66,36 @@ class Host(nn.Module):
         """Drop ``name`` (the caller unmerges it first)."""
         del self._modules[name]
         self.active = [n for n in self.active if n != name]
+        self.beside.pop(name, None)
         self._has_inputs = any(getattr(a, "site", None) is Site.INPUT for a in self._modules.values())
+
+    # -- merging into the base module's weights ----------------------------------------------------
+    @torch.no_grad()
+    def merge(self, base: nn.Module, name: str) -> None:
+        """Fold adapter ``name`` into ``base``'s weights (in float64, written back in the weights' dtype)."""
+        if name in self.merged:
+            return
+        self._fold(base, name, "merge")
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module, name: str) -> None:
+        """Undo ``merge`` of ``name``; adapters merged after it are undone first and redone after, so each one's
+        inverse sees the weights it was merged into."""
+        if name not in self.merged:
+            raise AdapterKitError(f"adapter {name!r} is not merged at {self.path!r}")
+        later = self.merged[self.merged.index(name):]
+        for each in reversed(later):
+            self._fold(base, each, "unmerge")
+        self.merged = self.merged[: self.merged.index(name)]
+        for each in later[1:]:
+            self._fold(base, each, "merge")
+            self.merged.append(each)
+
+    def _fold(self, base: nn.Module, name: str, way: str) -> None:
+        weight, bias = read_weight(base)
+        new_w, new_b = getattr(self._modules[name], way)(weight.double(), None if bias is None else bias.double())
+        write_weight(base, new_w.to(weight.dtype), None if new_b is None else new_b.to(weight.dtype))
 
     def release(self) -> None:
         """Unhook from the base module (the engine then deletes the host)."""

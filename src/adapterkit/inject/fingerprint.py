@@ -1,37 +1,105 @@
-"""Base-model fingerprints: the shapes of a target's own weights and a hash of a fixed sample of them.
+"""Base-model fingerprints: the shapes of a target's own weights and a fixed sample of their values.
 
-Hashing a strided sample (at most 4096 values per tensor) keeps fingerprinting a 7B model fast while still
-telling two checkpoints of the same architecture apart.
+A saved adapter records, per adapted module, the logical shape of each base parameter and ``SAMPLES`` values
+taken at fixed positions (with the dtype they were held in, and for a quantised weight its largest magnitude).
+Loading compares the samples within what the two dtypes can explain: float32 against float32 agree to rounding,
+a bf16 copy of the same weights to bf16's precision, a 4-bit copy to its quantisation step. So an adapter moves
+between precisions and onto a quantised twin of its base, while another checkpoint or a random model is refused
+(32 values per tensor leave a chance of a false match far below 1e-9 even at the 4-bit tolerance).
+
+Records written before this scheme hold only a ``hash``; they are compared by it as before.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import importlib
+from typing import Any
 
 import torch
 from torch import nn
 
 from adapterkit.core.host import HOST_ATTR
 
-_SAMPLES = 4096
+SAMPLES = 32
+_HASH_SAMPLES = 4096  # the older scheme's strided sample, kept so its records still load
+# Half the largest gap between 4-bit code levels (NF4: 0.14, FP4: 0.17) as a share of the tensor's largest
+# magnitude, with margin: a dequantised weight lies this close to the float weight it came from.
+_QUANT_TOLERANCE = 0.2
+
+
+def _values(param: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The parameter's values as a flat float tensor in its logical shape, and whether they were quantised."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:  # a bitsandbytes 4-bit weight (inject/quantize.py): compare what it computes with
+        functional = importlib.import_module("bitsandbytes.functional")
+        return functional.dequantize_4bit(param.data, state).reshape(-1).float(), True
+    return param.detach().reshape(-1), False
+
+
+def _sample(flat: torch.Tensor) -> torch.Tensor:
+    if flat.numel() == 0:
+        return flat.new_zeros(0, dtype=torch.float32).cpu()
+    positions = torch.linspace(0, flat.numel() - 1, min(SAMPLES, flat.numel()), device=flat.device).long()
+    return flat[positions].to("cpu", torch.float32)
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """Short hash of a strided sample of ``tensor`` (computed in float64 so dtype moves do not matter)."""
+    """The older scheme: short hash of a strided sample, rounded to 6 decimals (changes with the dtype)."""
     flat = tensor.detach().reshape(-1)
-    step = max(1, flat.numel() // _SAMPLES)
-    sample = flat[::step][:_SAMPLES].to("cpu", torch.float64).numpy().round(6)
+    step = max(1, flat.numel() // _HASH_SAMPLES)
+    sample = flat[::step][:_HASH_SAMPLES].to("cpu", torch.float64).numpy().round(6)
     return hashlib.sha256(sample.tobytes()).hexdigest()[:16]
 
 
-def module_fingerprint(module: nn.Module) -> dict[str, object]:
-    """{"shapes": {param: shape}, "hash": digest} over a module's own parameters (not its adapters)."""
+def module_fingerprint(module: nn.Module) -> dict[str, Any]:
+    """{"shapes", "dtypes", "samples", "scales"} over a module's own parameters (not its adapters); ``scales``
+    holds the largest magnitude of each quantised parameter."""
     shapes: dict[str, list[int]] = {}
-    digest = hashlib.sha256()
+    dtypes: dict[str, str] = {}
+    samples: dict[str, str] = {}
+    scales: dict[str, float] = {}
     for name, param in module.named_parameters():
         if HOST_ATTR in name.split("."):
             continue
         logical = getattr(getattr(param, "quant_state", None), "shape", None)  # a 4-bit weight's real shape
         shapes[name] = list(logical if logical is not None else param.shape)
-        digest.update(tensor_digest(param).encode())
-    return {"shapes": shapes, "hash": digest.hexdigest()[:16]}
+        flat, quantised = _values(param)
+        dtypes[name] = "4bit" if quantised else str(param.dtype).removeprefix("torch.")
+        samples[name] = base64.b64encode(_sample(flat).numpy().tobytes()).decode()
+        if quantised:
+            scales[name] = float(flat.abs().max()) if flat.numel() else 0.0
+    return {"shapes": shapes, "dtypes": dtypes, "samples": samples, "scales": scales}
+
+
+def _eps(dtype: str) -> float:
+    if dtype == "4bit":
+        return 0.0  # handled by the scale term
+    found = getattr(torch, dtype, None)
+    return torch.finfo(found).eps if isinstance(found, torch.dtype) and found.is_floating_point else 0.0
+
+
+def same_weights(saved: dict[str, Any], here: dict[str, Any], module: nn.Module) -> bool:
+    """Whether the base weights ``here`` are those ``saved`` describes, up to the precision both were held in."""
+    if "samples" not in saved:  # a record of the older scheme
+        digest = hashlib.sha256()
+        for name, param in module.named_parameters():
+            if HOST_ATTR not in name.split("."):
+                digest.update(tensor_digest(param).encode())
+        return saved.get("hash") == digest.hexdigest()[:16]
+    for name, encoded in saved["samples"].items():
+        if name not in here["samples"]:
+            return False
+        theirs = torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.float32)
+        ours = torch.frombuffer(bytearray(base64.b64decode(here["samples"][name])), dtype=torch.float32)
+        if theirs.shape != ours.shape:
+            return False
+        kinds = (saved.get("dtypes", {}).get(name, "float32"), here["dtypes"].get(name, "float32"))
+        relative = 2 * max(_eps(kind) for kind in kinds) + 1e-12
+        step = _QUANT_TOLERANCE * max(float(saved.get("scales", {}).get(name, 0.0)), here["scales"].get(name, 0.0))
+        # fp16 holds values below 6e-5 with an absolute error up to 3e-8: the absolute floor covers them
+        allowed = relative * torch.maximum(theirs.abs(), ours.abs()) + step + (1e-7 if "float16" in kinds else 0.0)
+        if not bool(((theirs - ours).abs() <= allowed).all()):
+            return False
+    return True
