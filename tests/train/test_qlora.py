@@ -94,11 +94,15 @@ def test_save_load_round_trip_and_moving_to_the_float_base(tmp_path: Path) -> No
     ak.load(again, tmp_path / "a")
     ids = tokens()
     torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
-    with pytest.raises(AdapterKitError, match="weights differ"):  # the float base is another base ...
-        ak.load(copy.deepcopy(float_model), tmp_path / "a")
     merged = copy.deepcopy(float_model)
-    ak.load(merged, tmp_path / "a", strict_base=False)  # ... loaded on purpose (same shapes), it merges there
+    ak.load(merged, tmp_path / "a")  # the fingerprint knows the float base is the 4-bit one's twin: it merges there
     ak.merge(merged, "a")
+    with pytest.raises(AdapterKitError, match="weights differ"):  # another float base is refused, and ...
+        ak.load(make_tiny("llama", seed=7), tmp_path / "a")
+    other = make_tiny("llama", seed=7)
+    quantize_base(other)
+    with pytest.raises(AdapterKitError, match="weights differ"):  # ... so is the 4-bit form of another base
+        ak.load(other, tmp_path / "a")
 
 
 def test_bad_inputs_fail_with_one_clear_line() -> None:
