@@ -147,7 +147,7 @@ def test_mhr_mu_is_one_plain_lora_equal_to_uniform_or_task_routing(n_splits: int
     with ak.use(model, "mu"):
         torch.testing.assert_close(logits(model, ids), uniform, atol=1e-6, rtol=0)
     ak.merge(model, "mu")  # a plain LoRA: mergeable
-    with ak.use(model):
+    with ak.use(model, "mu"):  # merged: in the base weights
         torch.testing.assert_close(logits(model, ids), uniform, atol=1e-5, rtol=0)
 
 

@@ -1,34 +1,20 @@
-"""The per-call setup: which adapters run, set by ``use(...)`` for the duration of a ``with`` block.
+"""The per-call setup: what runs on each host, set by ``use(model, ...)`` for the duration of a ``with`` block.
 
-Held in a ContextVar, so threads and async tasks each see their own setup; nothing is stored on modules.
+State belongs to a model: a ``use`` block maps the hosts of the model it was given (and only those) to one
+``Setup``, held in a ContextVar, so threads and async tasks each see their own setups and a second model in the
+same thread runs its own adapters. Nothing is stored on modules.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
-
-# None: every host runs its own active list. A tuple: run exactly these names (where present), in order.
-_ACTIVE_OVERRIDE: ContextVar[tuple[str, ...] | None] = ContextVar("adapterkit_active", default=None)
-
-
-def active_override() -> tuple[str, ...] | None:
-    """The names forced by the innermost ``use`` block, or None."""
-    return _ACTIVE_OVERRIDE.get()
-
-
-@contextlib.contextmanager
-def override_active(names: tuple[str, ...]) -> Iterator[None]:
-    """Run exactly ``names`` (an empty tuple runs the bare base model) inside the block."""
-    token = _ACTIVE_OVERRIDE.set(tuple(names))
-    try:
-        yield
-    finally:
-        _ACTIVE_OVERRIDE.reset(token)
 
 
 def per_row(values: torch.Tensor, on: dict[torch.device, torch.Tensor], x: torch.Tensor, mismatch: str
@@ -70,7 +56,6 @@ class SelectPlan:
         return per_row(self.slots, self._on, x, "Select has {given} rows but the batch has {rows}")
 
 
-_SELECT: ContextVar[SelectPlan | None] = ContextVar("adapterkit_select", default=None)
 _INPLACE: ContextVar[bool] = ContextVar("adapterkit_inplace", default=True)
 
 
@@ -89,21 +74,6 @@ def no_inplace() -> Iterator[None]:
         yield
     finally:
         _INPLACE.reset(token)
-
-
-def select_plan() -> SelectPlan | None:
-    """The per-example plan of the innermost ``use(model, Select(...))`` block, or None."""
-    return _SELECT.get()
-
-
-@contextlib.contextmanager
-def select_rows(plan: SelectPlan) -> Iterator[None]:
-    """Run one adapter per example inside the block."""
-    token = _SELECT.set(plan)
-    try:
-        yield
-    finally:
-        _SELECT.reset(token)
 
 
 class Routing:
@@ -172,19 +142,31 @@ class BlockPlan:
         return flat
 
 
-_BLOCK: ContextVar[BlockPlan | None] = ContextVar("adapterkit_block", default=None)
+@dataclass(frozen=True)
+class Setup:
+    """What one ``use`` block runs on its model's hosts: exactly ``names`` (plain adapters, in order), one adapter
+    per example (``select``), or a composition block (``block``); exactly one of the three is set."""
+
+    names: tuple[str, ...] | None = None
+    select: SelectPlan | None = None
+    block: BlockPlan | None = None
 
 
-def block_plan() -> BlockPlan | None:
-    """The plan of the innermost ``use(model, block)``, or None."""
-    return _BLOCK.get()
+_SETUPS: ContextVar[Mapping[Any, Setup]] = ContextVar("adapterkit_setups", default=MappingProxyType({}))
+
+
+def setup_for(host: Any) -> Setup | None:
+    """The setup of the innermost ``use`` block that covers ``host``; None: the host runs its active adapters."""
+    return _SETUPS.get().get(host)
 
 
 @contextlib.contextmanager
-def run_block_plan(plan: BlockPlan) -> Iterator[None]:
-    """Run ``plan.block`` on every host inside the block."""
-    token = _BLOCK.set(plan)
+def scoped(hosts: Iterable[Any], setup: Setup) -> Iterator[None]:
+    """Run ``setup`` on ``hosts`` (and no other host) inside the block; inner blocks win over outer ones."""
+    inner = dict(_SETUPS.get())
+    inner.update(dict.fromkeys(hosts, setup))
+    token = _SETUPS.set(MappingProxyType(inner))
     try:
         yield
     finally:
-        _BLOCK.reset(token)
+        _SETUPS.reset(token)

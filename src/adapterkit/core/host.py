@@ -13,12 +13,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from adapterkit.core.context import active_override, block_plan, inplace_allowed, select_plan
+from adapterkit.core.context import inplace_allowed, setup_for
 from adapterkit.core.errors import AdapterKitError
-from adapterkit.core.interpret import block_inputs, run_block
+from adapterkit.core.interpret import run_inputs, run_outputs
 from adapterkit.core.layers import read_weight, supports_inplace_delta, write_weight
 from adapterkit.core.protocol import Site
-from adapterkit.core.run import apply_inputs, apply_outputs, apply_select, select_inputs
 
 HOST_ATTR = "adapterkit"
 
@@ -109,49 +108,26 @@ class Host(nn.Module):
         reaches its host last and passes the value through unchanged."""
         return x
 
-    def running(self) -> list[Any]:
-        """The adapters that run in this call: active (or forced by ``use``), present, not merged."""
-        override = active_override()
-        names = self.active if override is None else override
-        return [self._modules[n] for n in names if n in self._modules and n not in self.merged]
+    def running(self, names: tuple[str, ...] | None = None) -> list[Any]:
+        """The adapters that run in this call: ``names`` (forced by ``use``) or the active ones, present here and
+        not merged."""
+        chosen = self.active if names is None else names
+        return [self._modules[n] for n in chosen if n in self._modules and n not in self.merged]
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self._has_inputs or not args:
             return None
-        blocks = block_plan()
-        if blocks is not None:
-            return (block_inputs(blocks.block, self, args[0]), *args[1:]), kwargs
-        plan = select_plan()
-        if plan is not None:
-            chosen = [self._modules.get(n) for n in plan.names]
-            return (select_inputs(chosen, plan.slots_for(args[0]), args[0]), *args[1:]), kwargs
-        adapters = [a for a in self.running() if a.site is Site.INPUT]
-        if not adapters:
-            return None
-        return (apply_inputs(adapters, args[0]), *args[1:]), kwargs
+        new = run_inputs(self, setup_for(self), args[0])
+        return None if new is args[0] else ((new, *args[1:]), kwargs)
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = args[0] if args else next(iter(kwargs.values()))
         # modules such as attention blocks return (hidden, extras...): adapters act on the first element
         hidden = output[0] if isinstance(output, tuple) else output
-        blocks = block_plan()
-        if blocks is not None:
-            if blocks.names.isdisjoint(self._modules):
-                return None
-            new = run_block(blocks.block, self, x, hidden, blocks)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-        plan = select_plan()
-        if plan is not None:
-            chosen = [self._modules.get(n) for n in plan.names]
-            if not any(chosen):
-                return None
-            new = apply_select(chosen, plan.slots_for(x), x, hidden, self.select_cache,
-                               inplace=self._inplace and hidden is output and inplace_allowed())
-        else:
-            adapters = self.running()
-            if not adapters:
-                return None
-            new = apply_outputs(adapters, x, hidden, inplace=self._inplace and hidden is output and inplace_allowed())
+        inplace = self._inplace and hidden is output and inplace_allowed()
+        new = run_outputs(self, setup_for(self), x, hidden, inplace)
+        if new is None:
+            return None
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 

@@ -1,5 +1,9 @@
 """Choosing what runs: activation, and ``use`` blocks (adapter names, a per-example Select, or a composition
-block), and listing."""
+block), and listing.
+
+A ``use`` block belongs to the model it was given: it covers that model's hosts (those of a sub-module, if given
+one), and a second adapted model in the same thread, inside or outside the block, runs its own active adapters.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,12 @@ import torch
 from torch import nn
 
 from adapterkit.core.blocks import Block, Select
-from adapterkit.core.context import BlockPlan, Routing, SelectPlan, override_active, run_block_plan, select_rows
+from adapterkit.core.context import BlockPlan, Routing, SelectPlan, Setup, scoped
 from adapterkit.core.errors import AdapterKitError
+from adapterkit.core.host import Host
 from adapterkit.core.interpret import check_combiners
-from adapterkit.inject.engine import adapter_names, hosts, placements, set_active
+from adapterkit.core.tree import hosts, names_in, placements
+from adapterkit.inject.engine import adapter_names, set_active
 
 
 def activate(model: nn.Module, *names: str) -> None:
@@ -24,7 +30,7 @@ def activate(model: nn.Module, *names: str) -> None:
 @contextlib.contextmanager
 def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] | torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None) -> Iterator[Routing]:
-    """Run exactly the named adapters, or one block, inside the ``with`` (none: the base model).
+    """Run exactly the named adapters, or one block, on ``model`` inside the ``with`` (none: the base model).
 
     ``use(model, "a", "b")`` runs those adapters whatever is active outside. ``use(model, Select(["a", None]))``
     runs one adapter per example (None: the base model), all rows in one batch; its segment table is built
@@ -32,24 +38,22 @@ def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] 
     block; ``task_ids`` (one per example) feed task routing, and ``token_mask`` (the attention mask, batch x
     tokens) keeps padding out of what routers average over (MoLE's load-balancing loss). The ``with`` yields a
     ``Routing`` record: the weights learned blocks used and their auxiliary losses (``routing.aux_loss()``).
+
+    Only ``model``'s own modules are affected. A merged adapter is part of the base weights, so a setup without it
+    (the bare base, other adapters, a Select or a block) cannot run and is refused with one line.
     """
     routing = Routing()
+    held = hosts(model)  # one walk of the module tree, whatever the number of adapters
     if len(setup) == 1 and isinstance(setup[0], (Select, Block)):
-        held = hosts(model)  # one walk of the module tree, whatever the number of adapters
-        attached = {name for _, _, host in held for name in host.names()}
-        merged = {name for _, _, host in held for name in host.merged}
         block = setup[0]
         needed = block.names if isinstance(block, Select) else block.leaves()
+        attached = set(names_in(held))
         for name in needed:
-            if name is None:
-                continue
-            if name not in attached:
-                placements(model, name)  # raises the usual "no adapter named ..." error
-            if name in merged:
-                kind = type(block).__name__
-                raise AdapterKitError(f"{kind}: adapter {name!r} is merged into the base weights; unmerge it first")
+            if name is not None and name not in attached:
+                placements(model, name, held)  # raises the usual "no adapter named ..." error
+        _refuse_merged(held, (), type(block).__name__)
         if isinstance(block, Select):
-            with override_active(()), select_rows(SelectPlan(block.names)):
+            with scoped(_hosts_only(held), Setup(select=SelectPlan(block.names))):
                 yield routing
             return
         found = {n: host.adapter(n) for _, _, host in held for n in host.names() if host.adapter(n).spec.role}
@@ -57,8 +61,7 @@ def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] 
         ids = None if task_ids is None else torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
         plan = BlockPlan(block, ids, routing, token_mask)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(override_active(()))
-            stack.enter_context(run_block_plan(plan))
+            stack.enter_context(scoped(_hosts_only(held), Setup(block=plan)))
             for name in {n for _, n in block.combiners()}:
                 for _, _, host in held:  # model-level work of a combiner (e.g. a scoring pass): once per call
                     session = getattr(host._modules.get(name), "session", None)
@@ -70,14 +73,29 @@ def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] 
         if not isinstance(item, str):
             raise AdapterKitError(f"use: expected adapter names or one block (Select, Stack, ...), got "
                                   f"{type(item).__name__}")
-        for _, _, host in placements(model, item):
-            if host.adapter(item).spec.role:
-                raise AdapterKitError(f"use: {item!r} is a combiner; run it through its block")
-            break
+        _, _, host = placements(model, item, held)[0]
+        if host.adapter(item).spec.role:
+            raise AdapterKitError(f"use: {item!r} is a combiner; run it through its block")
     if task_ids is not None or token_mask is not None:
         raise AdapterKitError("use: task_ids= and token_mask= only apply to a composition block")
-    with override_active(tuple(setup)):  # type: ignore[arg-type]
+    names: tuple[str, ...] = tuple(setup)  # type: ignore[arg-type]
+    _refuse_merged(held, names, "use")
+    with scoped(_hosts_only(held), Setup(names=names)):
         yield routing
+
+
+def _hosts_only(held: list[tuple[str, nn.Module, Host]]) -> list[Host]:
+    return [host for _, _, host in held]
+
+
+def _refuse_merged(held: list[tuple[str, nn.Module, Host]], allowed: tuple[str, ...], what: str) -> None:
+    """A merged adapter not among ``allowed`` would still run (it is in the base weights): refuse, naming it."""
+    for _, _, host in held:
+        for name in host.merged:
+            if name not in allowed:
+                runs = "the bare base model" if what == "use" and not allowed else f"{what}{allowed or ''}"
+                raise AdapterKitError(f"{what}: adapter {name!r} is merged into the base weights, so {runs} "
+                                      f"cannot run without it; ak.unmerge(model, {name!r}) first")
 
 
 def adapters(model: nn.Module) -> list[str]:

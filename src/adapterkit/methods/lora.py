@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapterkit.core.context import select_plan
+from adapterkit.core.context import SelectPlan
 from adapterkit.core.errors import TargetError
 from adapterkit.core.layers import layer_info, tensor
 from adapterkit.core.precision import as_compute, master_dtype
@@ -122,10 +122,10 @@ class LoRALinear(_LowRank):
 
     @staticmethod
     def batched_delta(adapters: Sequence[LoRALinear | None], x: Tensor, slots: Tensor, cache: dict,
-                      into: Tensor | None = None) -> Tensor:
+                      into: Tensor | None = None, plan: SelectPlan | None = None) -> Tensor:
         """Row b gets adapters[slots[b]]'s delta (no adapter: zero) in one computation (ops/multi_lora: Triton
         kernels on GPU, the gathered torch path elsewhere); with ``into``, returns ``into`` plus the delta, added
-        in place.
+        in place. ``plan`` is the Select block's plan, which keys the cache check and the row grouping.
 
         The stacked factors (scale folded into B, ranks zero-padded) and each slot's rank (the last slot, "no
         adapter", has rank 0) are cached on the host. They are checked once per ``use`` block (per SelectPlan) and
@@ -134,7 +134,6 @@ class LoRALinear(_LowRank):
         next block. Why not at every call: reading 2N version counters costs ~0.25 us each, ~30 us a layer at
         N=64 on a CPU, a large share of a decode step (the stacks serve inference: they carry no gradient).
         """
-        plan = select_plan()
         fresh = (plan is not None and cache.get("plan") is plan and cache["like"] == (x.dtype, x.device)
                  and cache["adapters"] == list(adapters))  # lists compare by identity first, in C
         if not fresh:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from adapterkit.core.context import SelectPlan, override_active, select_rows
+from adapterkit.core.context import SelectPlan, Setup, scoped
+from adapterkit.core.tree import hosts
 from adapterkit.serve.store import AdapterStore, UnknownAdapterError
 
 
@@ -61,7 +62,7 @@ def per_row(store: AdapterStore, names: Sequence[str | None]) -> Iterator[None]:
             groups.setdefault(path, []).append((rows, params))
     handles = [store.module(path).register_forward_hook(_row_hook(path, found)) for path, found in groups.items()]
     try:
-        with override_active(()), select_rows(SelectPlan(tuple(names))):
+        with scoped([host for _, _, host in hosts(store.model)], Setup(select=SelectPlan(tuple(names)))):
             yield
     finally:
         for handle in handles:
