@@ -1,4 +1,5 @@
-"""Import layering of DESIGN.md: floors import downward only, and engine code never names a method."""
+"""Import layering of DESIGN.md: floors import downward only, no import circle (between modules or packages, lazy
+imports inside functions included), and engine code never names a method."""
 
 from __future__ import annotations
 
@@ -69,3 +70,56 @@ def test_engine_code_names_no_method() -> None:
             strings = {n.value.lower() for n in ast.walk(ast.parse(source))
                        if isinstance(n, ast.Constant) and isinstance(n.value, str)}
             assert not words & (tree_names | strings), f"{package}/{file.name} names a method: {words & strings}"
+
+
+def _module_of(name: str) -> str | None:
+    """The file-level module that import ``name`` refers to (a package means its __init__), or None if none."""
+    parts = name.split(".")[1:]
+    for cut in range(len(parts), 0, -1):  # "from adapterkit.core.errors import X" or "import adapterkit.core"
+        base = PACKAGE.joinpath(*parts[:cut])
+        if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file():
+            return ".".join(parts[:cut])
+    return None
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path of nodes, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_no_import_circle_between_modules_or_packages() -> None:
+    modules: dict[str, set[str]] = {}
+    packages: dict[str, set[str]] = {}
+    for file in PACKAGE.rglob("*.py"):
+        rel = file.relative_to(PACKAGE).with_suffix("")
+        me = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        if not me:
+            continue  # the package root re-exports everything: it is the top, not part of any floor
+        for name in _imports(file):
+            target = _module_of(name)
+            if target is None or target == me:
+                continue
+            modules.setdefault(me, set()).add(target)
+            mine, theirs = me.split(".")[0], target.split(".")[0]
+            if mine != theirs:
+                packages.setdefault(mine, set()).add(theirs)
+    assert _cycle(packages) is None, f"import circle between packages: {' -> '.join(_cycle(packages) or [])}"
+    assert _cycle(modules) is None, f"import circle between modules: {' -> '.join(_cycle(modules) or [])}"
