@@ -10,14 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from adapterkit.core.context import inplace_allowed, setup_for
+from adapterkit.core.context import Setup, inplace_allowed, setup_for
 from adapterkit.core.errors import AdapterKitError
-from adapterkit.core.interpret import run_inputs, run_outputs
+from adapterkit.core.interpret import apply_all, block_inputs, run_block
 from adapterkit.core.layers import read_weight, supports_inplace_delta, write_weight
 from adapterkit.core.protocol import Site
+from adapterkit.core.rows import select_inputs, select_outputs
 
 HOST_ATTR = "adapterkit"
 
@@ -129,6 +130,34 @@ class Host(nn.Module):
         if new is None:
             return None
         return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def run_inputs(host: Any, setup: Setup | None, x: Tensor) -> Tensor:
+    """The input ``host``'s base module sees under ``setup`` (None: the host's active adapters)."""
+    if setup is not None and setup.block is not None:
+        return block_inputs(setup.block.block, host, x)
+    if setup is not None and setup.select is not None:
+        return select_inputs(host, setup.select, x)
+    for adapter in host.running(None if setup is None else setup.names):
+        if adapter.site is Site.INPUT:
+            x = adapter(x, None)
+    return x
+
+
+def run_outputs(host: Any, setup: Setup | None, x: Tensor, out: Tensor, inplace: bool) -> Tensor | None:
+    """``host``'s base output ``out`` (for input ``x``) with the adapters of ``setup`` applied; None: unchanged.
+
+    ``inplace`` is set by the host for base layers whose output autograd does not keep (Linear, Conv, Embedding):
+    adding a delta in place saves one activation-sized allocation per adapted layer.
+    """
+    if setup is not None and setup.block is not None:
+        if setup.block.names.isdisjoint(host._modules):
+            return None
+        return run_block(setup.block.block, host, x, out, setup.block)
+    if setup is not None and setup.select is not None:
+        return select_outputs(host, setup.select, x, out, inplace)
+    adapters = host.running(None if setup is None else setup.names)
+    return apply_all(adapters, x, out, inplace) if adapters else None
 
 
 def host_of(module: nn.Module) -> Host | None:

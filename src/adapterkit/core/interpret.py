@@ -1,5 +1,6 @@
 """The one interpreter of an adapter setup on a host, for one call: plain adapters, one adapter per example
-(Select) and composition blocks (core/blocks.py) all apply adapters through ``_apply``, the only site dispatch.
+(Select, core/rows.py) and composition blocks (core/blocks.py) all apply adapters through ``apply``, the only
+site dispatch; the host (core/host.py) picks which of the three a call runs.
 
 Plain order: INPUT adapters transform the input (before the base runs), then the base runs, then the PARALLEL
 deltas (computed from the base's input) are added, then OUTPUT adapters transform the result in order.
@@ -20,44 +21,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from adapterkit.core.blocks import Average, Learned, Parallel, Stack
-from adapterkit.core.context import BlockPlan, SelectPlan, Setup
+from adapterkit.core.context import BlockPlan
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.core.protocol import Site
 
 
-def run_inputs(host: Any, setup: Setup | None, x: Tensor) -> Tensor:
-    """The input ``host``'s base module sees under ``setup`` (None: the host's active adapters)."""
-    if setup is not None and setup.block is not None:
-        return block_inputs(setup.block.block, host, x)
-    if setup is not None and setup.select is not None:
-        return _select_inputs(host, setup.select, x)
-    for adapter in host.running(None if setup is None else setup.names):
-        if adapter.site is Site.INPUT:
-            x = adapter(x, None)
-    return x
-
-
-def run_outputs(host: Any, setup: Setup | None, x: Tensor, out: Tensor, inplace: bool) -> Tensor | None:
-    """``host``'s base output ``out`` (for input ``x``) with the adapters of ``setup`` applied; None: unchanged.
-
-    ``inplace`` is set by the host for base layers whose output autograd does not keep (Linear, Conv, Embedding):
-    adding a delta in place saves one activation-sized allocation per adapted layer.
-    """
-    if setup is not None and setup.block is not None:
-        if setup.block.names.isdisjoint(host._modules):
-            return None
-        return run_block(setup.block.block, host, x, out, setup.block)
-    if setup is not None and setup.select is not None:
-        return _select_outputs(host, setup.select, x, out, inplace)
-    adapters = host.running(None if setup is None else setup.names)
-    return _apply_all(adapters, x, out, inplace) if adapters else None
-
-
-def _apply(adapter: Any, x: Tensor, out: Tensor, inplace: bool = False) -> Tensor:
+def apply(adapter: Any, x: Tensor, out: Tensor, inplace: bool = False) -> Tensor:
     """``out`` with one adapter applied at its site (an INPUT adapter already ran on the input: nothing here)."""
     if adapter.site is Site.PARALLEL:
         delta = adapter(x, out)
@@ -65,61 +37,15 @@ def _apply(adapter: Any, x: Tensor, out: Tensor, inplace: bool = False) -> Tenso
     return adapter(x, out) if adapter.site is Site.OUTPUT else out
 
 
-def _apply_all(adapters: Sequence[Any], x: Tensor, out: Tensor, inplace: bool) -> Tensor:
+def apply_all(adapters: Sequence[Any], x: Tensor, out: Tensor, inplace: bool) -> Tensor:
     """Plain order: every PARALLEL delta (all from the base's output), then OUTPUT adapters in order."""
     for adapter in adapters:
         if adapter.site is Site.PARALLEL:
-            out = _apply(adapter, x, out, inplace)
+            out = apply(adapter, x, out, inplace)
     for adapter in adapters:
         if adapter.site is Site.OUTPUT:
-            out = _apply(adapter, x, out)
+            out = apply(adapter, x, out)
     return out
-
-
-def _trains(adapters: Sequence[Any]) -> bool:
-    return torch.is_grad_enabled() and any(p.requires_grad for a in adapters for p in a.parameters())
-
-
-def _select_outputs(host: Any, plan: SelectPlan, x: Tensor, out: Tensor, inplace: bool) -> Tensor | None:
-    """One adapter per row: ``plan.names[slots[b]]`` for row b (no adapter, or absent here: the base output).
-
-    When every adapter is of one type that offers ``batched_delta`` (a method's batched form), all rows run in one
-    gathered computation (inference only: its stacked weights carry no gradient). Otherwise, and whenever gradients
-    are wanted, each adapter runs on its own rows: correct for every method, one pass per adapter.
-    """
-    chosen = [host._modules.get(n) for n in plan.names]
-    present = [a for a in chosen if a is not None]
-    if not present:
-        return None
-    slots = plan.slots_for(x)
-    kinds = {type(a) for a in present}
-    batched = getattr(next(iter(kinds)), "batched_delta", None) if len(kinds) == 1 else None
-    if batched is not None and present[0].site is Site.PARALLEL and not _trains(present):
-        if inplace:
-            return batched(chosen, x, slots, host.select_cache, out, plan=plan)
-        return out + batched(chosen, x, slots, host.select_cache, plan=plan)
-    result = out
-    for index, adapter in enumerate(chosen):
-        if adapter is None:
-            continue
-        rows = (slots == index).nonzero().squeeze(1)
-        if rows.numel() and adapter.site is not Site.INPUT:  # input-site adapters ran in _select_inputs
-            result = result.index_copy(0, rows, _apply(adapter, x[rows], out[rows]))
-    return result
-
-
-def _select_inputs(host: Any, plan: SelectPlan, x: Tensor) -> Tensor:
-    """The input each row's base computation sees: rows whose adapter acts on inputs are transformed."""
-    result = x
-    slots = None
-    for index, name in enumerate(plan.names):
-        adapter = host._modules.get(name)
-        if adapter is not None and adapter.site is Site.INPUT:
-            slots = plan.slots_for(x) if slots is None else slots
-            rows = (slots == index).nonzero().squeeze(1)
-            if rows.numel():
-                result = result.index_copy(0, rows, adapter(x[rows], None))
-    return result
 
 
 @dataclass
@@ -245,7 +171,7 @@ def run_block(child: Any, host: Any, x: Tensor, out: Tensor, plan: BlockPlan) ->
     """``out`` transformed by ``child`` (an adapter name or a block) on ``host``; ``x`` is the module's input."""
     if isinstance(child, str):
         adapter = host._modules.get(child)
-        return out if adapter is None else _apply(adapter, x, out)  # absent here: unchanged
+        return out if adapter is None else apply(adapter, x, out)  # absent here: unchanged
     if isinstance(child, Stack):
         for each in child.children:
             out = run_block(each, host, x, out, plan)
