@@ -1,14 +1,18 @@
 """The adapter store: every served adapter in host memory, an LRU set of them attached to the model.
 
 An adapter enters the store from a folder (``adapter.json`` + weights, as ``ak.save`` writes, or a run folder of
-``adapterkit train`` holding ``run.json`` and ``adapter/``). Its tensors stay in host memory for as long as it is
-loaded; at most ``max_resident`` adapters are attached to the model (on its device) at once, and the least
-recently used one is detached to make room. Detaching loses nothing: the host copy is what gets attached again.
+``adapterkit train`` holding ``run.json`` and ``adapter/``). The folder is read once; its record and tensors stay in
+host memory for as long as it is loaded. At most ``max_resident`` adapters are attached to the model (on its device)
+at once, and the least recently used one is detached to make room. Attaching goes through the library's one load
+path (``inject.state.attach_saved``, which rebuilds packed and resized forms exactly as ``ak.load`` does) from the
+host copy, so detaching loses nothing and re-attaching reads nothing from disk. The base model's fingerprint is
+checked once, when the adapter is added.
 
-Adding the N-th adapter costs the same whatever N is: the entry goes into a dict, the LRU order is an
-OrderedDict (O(1) touch and pop), base-model fingerprints are computed once per module path and cached, and an
-attach or detach only ever sees the bounded resident set. The stacked weights the batched path builds
-(``Host.select_cache``) cover only the adapters of one batch, never the whole store.
+Modules saved beside an adapter (a classification head, an output layer) are not loaded into the shared model: the
+store keeps their parameters on the device and the runners apply them to that adapter's rows only.
+
+Adding the N-th adapter costs the same whatever N is: the entry goes into a dict, the LRU order is an OrderedDict
+(O(1) touch and pop), and an attach or detach only ever sees the bounded resident set.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ import torch
 from torch import nn
 
 from adapterkit.core.errors import AdapterKitError, StateError
-from adapterkit.core.host import host_of
+from adapterkit.core.host import HOST_ATTR
 from adapterkit.core.registry import spec_from_dict
-from adapterkit.inject.engine import attach, detach, set_active
-from adapterkit.inject.fingerprint import module_fingerprint
+from adapterkit.inject.engine import detach, set_active
 from adapterkit.inject.record import RECORD, read
+from adapterkit.inject.state import attach_saved
 
 # Letters, digits, '_' and '-', not starting with a digit: the attach-name rule, and no '/', '.' or '\\', so a
 # name can never leave the adapters folder.
@@ -42,11 +46,23 @@ class BadNameError(AdapterKitError, ValueError):
     """An adapter name that does not match NAME_PATTERN (answered with 400)."""
 
 
-class UnknownAdapterError(AdapterKitError, KeyError):
+class NotFoundError(AdapterKitError):
+    """Something a request names does not exist (answered with 404)."""
+
+
+class UnknownAdapterError(NotFoundError, KeyError):
     """A name that is not loaded in the store (answered with 404)."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class MissingFolderError(NotFoundError):
+    """No folder of that name under the adapters folder (answered with 404)."""
+
+
+class AlreadyLoadedError(AdapterKitError):
+    """A name that is loaded already (answered with 409)."""
 
 
 def check_name(name: object) -> str:
@@ -60,12 +76,12 @@ def check_name(name: object) -> str:
 
 @dataclass
 class Entry:
-    """One loaded adapter: its record and tensors in host memory, and its saved modules (heads) per path."""
+    """One loaded adapter: its record and adapter tensors in host memory, its saved modules (heads) on the device."""
 
     name: str
-    folder: Path
+    folder: Path  # the folder holding adapter.json
     record: dict[str, Any]
-    weights: dict[str, dict[str, torch.Tensor]]  # target path -> adapter state dict
+    tensors: dict[str, torch.Tensor]  # the "adapter.*" tensors, as read: what every attach starts from
     modules: dict[str, dict[str, torch.Tensor]]  # saved module path (e.g. a head) -> its parameters, on device
     labels: list[str] | None = None  # class names from run.json, when the folder is a training run
 
@@ -90,7 +106,6 @@ class AdapterStore:
         self.resident: OrderedDict[str, None] = OrderedDict()  # LRU order: oldest first
         self.stats = {"attached": 0, "detached": 0}
         self._modules = dict(model.named_modules())  # path -> module, taken once (the tree only gains hosts)
-        self._fingerprints: dict[str, dict[str, Any]] = {}  # path -> fingerprint of the bare base module
         self._device = next(model.parameters()).device
 
     def module(self, path: str) -> nn.Module:
@@ -123,26 +138,30 @@ class AdapterStore:
     def add(self, name: str, folder: str | Path | None = None) -> Entry:
         """Read adapter ``name`` (from ``folder``, default ``<root>/<name>``) into host memory and attach it.
 
-        The record, the weights' sha256 and the base model's fingerprint are checked before the model is touched;
-        tensors that do not fit the attached adapter undo the attach. A bad folder raises StateError, and nothing
-        already loaded is lost (at most one adapter was detached to make room; it stays in host memory).
+        The record, the weights' sha256 and the base model's fingerprint are checked before the model keeps
+        anything; tensors that do not fit undo the attach. A missing folder raises MissingFolderError, a bad one
+        StateError, a name loaded already AlreadyLoadedError; nothing already loaded is lost (at most one adapter
+        was detached to make room, and it stays in host memory).
         """
         check_name(name)
         if name == BASE_NAME:
             raise BadNameError(f"adapter name {BASE_NAME!r} is reserved for the base model")
-        if name in self.entries:
-            raise AdapterKitError(f"adapter {name!r} is already loaded; unload it first")
+        self._check_new(name)
         entry = self._read(name, Path(folder) if folder is not None else self.folder_of(name))
         with self.lock:
-            if name in self.entries:
-                raise AdapterKitError(f"adapter {name!r} is already loaded; unload it first")
+            self._check_new(name)
             self.entries[name] = entry
             try:
-                self._make_resident(name, pinned=())
+                self._make_resident(name, pinned=(), check_base=True)
             except Exception:
                 del self.entries[name]
                 raise
         return entry
+
+    def _check_new(self, name: str) -> None:
+        if name in self.entries:
+            raise AlreadyLoadedError(f"adapter {name!r} is already loaded; unload it first "
+                                     f"(DELETE /v1/adapters/{name})")
 
     def remove(self, name: str) -> None:
         """Unload ``name``: detach it if attached and drop it from memory (its files are untouched)."""
@@ -174,7 +193,7 @@ class AdapterStore:
             for name in wanted:
                 self._make_resident(name, pinned=wanted)
 
-    def _make_resident(self, name: str, pinned: Iterable[str]) -> None:
+    def _make_resident(self, name: str, pinned: Iterable[str], check_base: bool = False) -> None:
         if name in self.resident:
             self.resident.move_to_end(name)
             return
@@ -185,17 +204,10 @@ class AdapterStore:
                 raise AdapterKitError("no adapter can be evicted: every resident one is needed by this batch")
             self._detach(victim)
         entry = self.entries[name]
-        spec = spec_from_dict(entry.record["spec"], where=str(entry.folder / RECORD))
-        attach(self.model, name, spec, [f"re:{re.escape(p)}" for p in entry.weights])
-        try:
-            with torch.no_grad():
-                for path, state in entry.weights.items():
-                    host = host_of(self._modules[path])
-                    assert host is not None  # attach placed one on every target
-                    host.adapter(name).load_state_dict(state, strict=True)
-        except Exception as exc:
-            detach(self.model, name)
-            raise StateError(f"{entry.folder}: cannot load its tensors ({str(exc).splitlines()[0]})") from None
+        # The saved modules are served per row (runners.py), never copied into the shared model: the record
+        # handed to the load path lists none.
+        attach_saved(self.model, {**entry.record, "modules": []}, entry.tensors, name=name,
+                     strict_base=self.strict_base, where=str(entry.folder), check_base=check_base)
         set_active(self.model, [])  # outside a use(...) block the server's model runs the bare base
         self.resident[name] = None
         self.stats["attached"] += 1
@@ -207,52 +219,41 @@ class AdapterStore:
 
     # -- reading a folder --------------------------------------------------------------------------
     def _read(self, name: str, folder: Path) -> Entry:
+        if not folder.exists():
+            raise MissingFolderError(f"{folder}: no such adapter folder")
         adapter_dir = _adapter_dir(folder)
         if adapter_dir is None:
             raise StateError(f"{folder}: no {RECORD} (nor run.json with adapter/{RECORD}); not an adapter folder")
-        record, tensors = read(adapter_dir)
-        spec_from_dict(record["spec"], where=str(adapter_dir / RECORD))  # unknown method: fail now, not at attach
-        weights: dict[str, dict[str, torch.Tensor]] = {path: {} for path in record["targets"]}
-        for path in record["targets"]:
-            self._check_base(adapter_dir, path, record["fingerprint"].get(path))
-        modules: dict[str, dict[str, torch.Tensor]] = {path: {} for path in record.get("modules", [])}
-        for key, tensor in tensors.items():
-            kind, _, rest = key.partition(".")
-            owner = _owner(rest, weights if kind == "adapter" else modules)
-            if kind not in ("adapter", "module") or owner is None:
-                raise StateError(f"{adapter_dir}: tensor {key!r} belongs to no saved target or module")
-            (weights if kind == "adapter" else modules)[owner][rest[len(owner) + 1:]] = tensor
-        for path, state in modules.items():
-            if path not in self._modules:
+        try:
+            record, tensors = read(adapter_dir)
+        except AdapterKitError:
+            raise
+        except Exception as exc:  # the folder came from a request: whatever it holds is bad input, not a crash
+            raise StateError(f"{adapter_dir}: cannot read ({type(exc).__name__}: {_first_line(exc)})") from None
+        spec = spec_from_dict(record["spec"], where=str(adapter_dir / RECORD))
+        if spec.role:
+            raise StateError(f"{adapter_dir}: holds a combiner for {spec.role!r} blocks, which runs only inside "
+                             "its block; the server serves adapters that run on their own")
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for path in record.get("modules", []):
+            module = self._modules.get(path)
+            if module is None:
                 raise StateError(f"{adapter_dir}: saved module {path!r} does not exist in this model")
-            modules[path] = {k: v.to(self._device) for k, v in state.items()}
-        labels = None
-        run_file = folder / "run.json"
-        if adapter_dir != folder and run_file.is_file():
-            try:
-                labels = [str(label) for label in json.loads(run_file.read_text()).get("labels") or []] or None
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-                raise StateError(f"{run_file}: invalid JSON ({exc})") from None
-        return Entry(name, adapter_dir, record, weights, modules, labels)
-
-    def _check_base(self, where: Path, path: str, saved: dict[str, Any] | None) -> None:
-        module = self._modules.get(path)
-        if module is None:
-            raise StateError(f"{where}: adapter targets {path!r}, which this model does not have (another base?)")
-        here = self._fingerprints.get(path)
-        if here is None:
-            here = self._fingerprints[path] = module_fingerprint(module)  # skips adapters: the bare base's
-        if saved is None or saved.get("shapes") != here["shapes"]:
-            raise StateError(f"{where}: {path} has shapes {here['shapes']} here but "
-                             f"{(saved or {}).get('shapes')} in the saved base model (another base model?)")
-        if self.strict_base and saved.get("hash") != here["hash"]:
-            raise StateError(f"{where}: {path} weights differ from the base model the adapter was trained on")
+            prefix = f"module.{path}."
+            state = {k[len(prefix):]: v.to(self._device) for k, v in tensors.items() if k.startswith(prefix)}
+            own = sorted(k for k in module.state_dict() if HOST_ATTR not in k.split("."))
+            if sorted(state) != own:  # widths may differ (a head of other labels), names may not
+                raise StateError(f"{adapter_dir}: saved module {path!r} holds tensors {sorted(state)[:4]}, but this "
+                                 f"model's {path} has {own[:4]}")
+            modules[path] = state
+        return Entry(name, adapter_dir, record, {k: v for k, v in tensors.items() if k.startswith("adapter.")},
+                     modules, _labels(folder, adapter_dir))
 
     # -- listing -----------------------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
         """One JSON-ready row per loaded adapter, in load order."""
         return [{"id": name, "object": "model", "method": entry.record["spec"].get("method"),
-                 "resident": name in self.resident, "targets": len(entry.weights),
+                 "resident": name in self.resident, "targets": len(entry.record["targets"]),
                  "modules": sorted(entry.modules), "labels": entry.labels}
                 for name, entry in self.entries.items()]
 
@@ -265,11 +266,19 @@ def _adapter_dir(folder: Path) -> Path | None:
     return None
 
 
-def _owner(rest: str, groups: dict[str, Any]) -> str | None:
-    """The path in ``groups`` that prefixes ``rest`` (a tensor key after its kind), longest first."""
-    parts = rest.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        candidate = ".".join(parts[:cut])
-        if candidate in groups:
-            return candidate
-    return None
+def _labels(folder: Path, adapter_dir: Path) -> list[str] | None:
+    """Class names from a run folder's run.json (``labels``), if the folder is a training run."""
+    run_file = folder / "run.json"
+    if adapter_dir == folder or not run_file.is_file():
+        return None
+    try:
+        labels = json.loads(run_file.read_bytes().decode("utf-8")).get("labels") or []
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError) as exc:
+        raise StateError(f"{run_file}: invalid JSON or not an object ({_first_line(exc)})") from None
+    if not isinstance(labels, list):
+        raise StateError(f"{run_file}: labels must be a list of class names, got {type(labels).__name__}")
+    return [str(label) for label in labels] or None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
