@@ -67,7 +67,7 @@ def stage_one() -> None:
     domain, old = task_for("mr"), task_for("cola")
     model, tokenizer = load_classifier(minilm_dir(), domain.num_labels)
     ak.attach(model, "movies", ak.ParBottleneck(reduction_factor=16, scaling=1.0, activation="gelu"), FFN_OUT)
-    ak.attach(model, "gate", ak.MixDA(domains=1, hidden=384), FFN_OUT)
+    ak.attach(model, "gate", ak.compose.MixDA(domains=1, hidden=384), FFN_OUT)
     result = train_domain(model, tokenizer, ["movies"], "gate", subset(domain.train, PROTOCOL.train_rows, 0),
                           subset(old.train, PROTOCOL.train_rows, 0), SUBLAYERS, config(0))
     ak.save(model, STAGE_ONE / "movies", "movies")

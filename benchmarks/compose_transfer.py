@@ -68,9 +68,10 @@ def train_source(name: str) -> None:
 # method -> (combiner spec factory, or None for the single-task adapter; learning rate)
 METHODS: dict[str, tuple[Any, float]] = {
     "single_adapter": (None, 2e-3),  # PROTOCOL's adapter lr
-    "adapterfusion": (lambda ak: ak.Fusion(), 2e-3),  # paper: 5e-5 over 10 epochs of full data; 2 short epochs here
-    "scalearn": (lambda ak: ak.ScaLearn(sources=4), 6e-3),  # paper's stage-2 lr
-    "scalearn_uniform_pp": (lambda ak: ak.ScaLearn(sources=4, form="scalar", share="model"), 6e-3),
+    # AdapterFusion paper: 5e-5 over 10 epochs of full data; 2 short epochs here
+    "adapterfusion": (lambda ak: ak.compose.Fusion(), 2e-3),
+    "scalearn": (lambda ak: ak.compose.ScaLearn(sources=4), 6e-3),  # paper's stage-2 lr
+    "scalearn_uniform_pp": (lambda ak: ak.compose.ScaLearn(sources=4, form="scalar", share="model"), 6e-3),
 }
 
 
@@ -94,14 +95,13 @@ def run_stage_two(method: str, seed: int) -> dict[str, Any]:
     names = (*SOURCE_TASKS, TARGET)
     for name in names:
         ak.load(model, SOURCES / name)
-    block_kind = ak.Fuse if method == "adapterfusion" else ak.Scale
     ak.attach(model, "mix", make(ak), ADAPTER_TARGETS)
     trainable = ak.train_only(model, "mix", also=["classifier"])
     combiner = ak.train_only(model, "mix")
     ak.train_only(model, "mix", also=["classifier"])
     config = TrainConfig(epochs=PROTOCOL.epochs, lr=lr, batch_size=PROTOCOL.batch_size,
                          max_length=PROTOCOL.max_length, seed=seed)
-    wrapped = WithBlock(model, block_kind(*names, name="mix"))
+    wrapped = WithBlock(model, ak.Mix(*names, name="mix"))
     start = time.perf_counter()
     history, seconds = run_training(wrapped, tokenizer, subset(task.train, PROTOCOL.train_rows, seed), task.dev,
                                     config, desc=method)

@@ -33,6 +33,7 @@ from transformers.utils import logging
 import adapterkit as ak
 from _common import minilm_dir
 from adapterkit.compose.poly import PolyRouter
+from adapterkit.train import poly_tools
 from adapterkit.train.loop import encode, seed_everything
 from adapterkit.train.multitask import MultiTaskClassifier, evaluate_multitask, task_batches
 from adapterkit.train.routing_plot import plot_task_routing
@@ -93,7 +94,7 @@ def multitask(kind: str, seed: int, data: dict[str, Any], pad: int, epochs: int)
         ak.activate(encoder, "shared")
         block = None
     else:
-        block = ak.attach_poly(encoder, kind, SKILL, TARGETS, n_tasks=len(TASKS), n_skills=SKILLS,
+        block = poly_tools.attach_poly(encoder, kind, SKILL, TARGETS, n_tasks=len(TASKS), n_skills=SKILLS,
                                n_splits=1 if kind == "poly" else SPLITS)
         ak.train_only(encoder, [kind, *block.children])
     model = MultiTaskClassifier(encoder, {t: data[t]["labels"] for t in TASKS}, block=block)
@@ -115,10 +116,10 @@ def few_shot(kind: str, source: Any, seed: int, data: dict[str, Any], pad: int, 
         if kind == "shared-lora-ft":
             ak.train_only(encoder, "shared")
         elif kind.endswith("-z"):
-            block = ak.mhr_z(encoder, trained, "z")
+            block = poly_tools.mhr_z(encoder, trained, "z")
             ak.train_only(encoder, "z")
         else:  # "-mu"
-            ak.mhr_mu(encoder, trained, "mu")
+            poly_tools.mhr_mu(encoder, trained, "mu")
             ak.train_only(encoder, "mu")
             ak.activate(encoder, "mu")
     model = MultiTaskClassifier(encoder, {HELD_OUT: data[HELD_OUT]["labels"]}, block=block)
@@ -164,7 +165,7 @@ def main() -> None:
             runs.append({"stage": "multitask", "method": kind, "seed": seed, **result})
             print(time.strftime("%H:%M:%S"), json.dumps(runs[-1]), flush=True)
             if kind == "mhr" and seed == args.seeds[0]:
-                plot_task_routing(ak.task_routing(encoder, "mhr"), OUT / "poly_mhr_routing.png", list(TASKS),
+                plot_task_routing(poly_tools.task_routing(encoder, "mhr"), OUT / "poly_mhr_routing.png", list(TASKS),
                                   f"MHR (seed {seed}) after multi-task training")
         plans = [("lora-scratch", None), ("shared-lora-ft", trained["lora"]), ("mhr-z", trained["mhr"]),
                  ("mhr-mu", trained["mhr"])]

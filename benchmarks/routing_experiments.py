@@ -99,10 +99,10 @@ def xlora_part(seed: int, rows: int, dev_rows: int, only: tuple[str, ...] = SETU
     encoder = classifier.bert
     for name in TASKS:
         ak.load(classifier, CACHE / f"{name}-s{seed}")
-    ak.attach(encoder, "xl", ak.spec_class("xlora")(experts=3, hidden_size=384), LORA_TARGETS)
+    ak.attach(encoder, "xl", ak.compose.XLoRA(experts=3, hidden_size=384), LORA_TARGETS)
     setups: dict[str, Any] = {f"lora {t}": ak.Stack(t) for t in TASKS}
     setups["uniform average"] = ak.Average(*TASKS)
-    setups["x-lora"] = ak.Route(*TASKS, name="xl")
+    setups["x-lora"] = ak.Mix(*TASKS, name="xl")
     results: dict[str, Any] = {}
     for label, block in setups.items():
         if label not in only:
@@ -140,8 +140,8 @@ def mole_part(seed: int, rows: int, dev_rows: int, experts: int = 4) -> dict[str
             names = [f"e{i}" for i in range(experts)]
             for name in names:
                 ak.attach(encoder, name, ak.LoRA(r=8, alpha=16), FFN)
-            ak.attach(encoder, "mole", ak.spec_class("mole")(experts=experts), FFN)
-            trainable, block = ak.train_only(encoder, [*names, "mole"]), ak.Route(*names, name="mole")
+            ak.attach(encoder, "mole", ak.compose.MoLE(experts=experts), FFN)
+            trainable, block = ak.train_only(encoder, [*names, "mole"]), ak.Mix(*names, name="mole")
         model = MultiTaskClassifier(encoder, {t: load_task(t).num_labels for t in TASKS}, block=block)
         start = time.perf_counter()
         run = train_multitask(model, tokenizer, data, config, desc=label)

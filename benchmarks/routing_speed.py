@@ -48,8 +48,8 @@ def build(folder: Path):
                 host.adapter(f"x{i}").lora_b.copy_(torch.randn(host.adapter(f"x{i}").lora_b.shape, generator=gen) * .02)
         if i < 3:
             export_peft(ours, f"x{i}", folder / f"x{i}")
-    ak.attach(ours, "mole", ak.spec_class("mole")(experts=8), FFN)
-    ak.attach(ours, "xlora", ak.spec_class("xlora")(experts=3, hidden_size=HIDDEN), FFN)
+    ak.attach(ours, "mole", ak.compose.MoLE(experts=8), FFN)
+    ak.attach(ours, "xlora", ak.compose.XLoRA(experts=3, hidden_size=HIDDEN), FFN)
     xconfig = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=HIDDEN,
                                adapters={str(i): str(folder / f"x{i}") for i in range(3)})
     with warnings.catch_warnings():
@@ -66,7 +66,7 @@ def measure(repeats: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
         ours, theirs = build(Path(folder))
     ids = torch.randint(0, VOCAB, (ROWS, TOKENS), generator=torch.Generator().manual_seed(2))
-    blocks = {"mole": ak.Route(*[f"x{i}" for i in range(8)], name="mole"), "xlora": ak.Route("x0", "x1", "x2",
+    blocks = {"mole": ak.Mix(*[f"x{i}" for i in range(8)], name="mole"), "xlora": ak.Mix("x0", "x1", "x2",
                                                                                               name="xlora")}
 
     from adapterkit.methods.lora import LoRALinear

@@ -38,9 +38,10 @@ def specs() -> dict[str, tuple[Any, list[str]]]:
     return {
         "lora": (ak.LoRA(r=8, alpha=16), ["query", "value"]),
         "seq_bn": (ak.SeqBottleneck(hidden=16), ["output.LayerNorm"]),
-        "mosa": (ak.MoSA(hidden=16, experts=4, split="up"), ["output.LayerNorm"]),
-        "lt_sft": (ak.LTSFT(k=73_728), LTSFT_TARGETS),
-        "adapterbit": (ak.AdapterBit(), ["output.dense"]),  # both sub-layer ends (attention and FFN) of each layer
+        "mosa": (ak.methods.MoSA(hidden=16, experts=4, split="up"), ["output.LayerNorm"]),
+        "lt_sft": (ak.methods.LTSFT(k=73_728), LTSFT_TARGETS),
+        # both sub-layer ends (attention and FFN) of each layer
+        "adapterbit": (ak.methods.AdapterBit(), ["output.dense"]),
     }
 
 

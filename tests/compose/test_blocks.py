@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 import adapterkit as ak
+from adapterkit.core.blocks import Fuse
 from adapterkit.core.errors import AdapterKitError, SpecError
 from adapterkit.core.spec import AdapterSpec
 from adapterkit.inject.engine import placements
@@ -21,9 +22,9 @@ NESTED = [
     ak.Stack("lang", "task"),
     ak.Parallel("a", ak.Stack("b", "c")),
     ak.Average("a", "b", weights=(0.25, 0.75)),
-    ak.Stack("lang", ak.Fuse("a", "b", "c", name="fusion")),
-    ak.Parallel(ak.Scale("a", "b", name="s"), ak.Gate("c", name="g")),
-    ak.Stack(ak.Route("e1", "e2", name="router"), ak.TaskRoute("s1", "s2", name="poly")),
+    ak.Stack("lang", ak.Mix("a", "b", "c", name="fusion")),
+    ak.Parallel(ak.Mix("a", "b", name="s"), ak.Mix("c", name="g")),
+    ak.Stack(ak.Mix("e1", "e2", name="router"), ak.Mix("s1", "s2", name="poly")),
     ak.Select(("a", None, "b")),
 ]
 
@@ -35,13 +36,13 @@ def test_blocks_round_trip_through_json(block) -> None:
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: ak.Fuse(ak.Stack("a", "b"), "c", name="f"), "Fuse cannot hold Stack"),
+    (lambda: ak.Mix(ak.Stack("a", "b"), "c", name="f"), "Mix cannot hold Stack"),
     (lambda: ak.Stack("a", ak.Select(("a",))), "Stack cannot hold Select"),
     (lambda: ak.Stack(), "needs at least one child"),
     (lambda: ak.Parallel("a", "a"), "adapter 'a' appears twice"),
     (lambda: ak.Average("a", "b", weights=(1.0,)), "1 weights for 2 children"),
-    (lambda: ak.Scale("a", "b", name=""), "needs name="),
-    (lambda: ak.block_from_dict({"block": "mix", "children": ["a"]}), "unknown block 'mix'"),
+    (lambda: ak.Mix("a", "b", name=""), "needs name="),
+    (lambda: ak.block_from_dict({"block": "blend", "children": ["a"]}), "unknown block 'blend'"),
     (lambda: ak.block_from_dict({"block": "stack", "children": "a"}), "needs a 'children' list"),
     (lambda: ak.block_from_dict({"block": "stack", "children": ["a", 3]}), "block.children[1]: expected"),
 ])
@@ -146,7 +147,7 @@ def test_a_learned_block_runs_its_combiner_reports_and_trains() -> None:
     ids = tokens()
     with ak.use(model, ak.Average("a", "b", weights=(0.5, 0.5))):
         half = logits(model, ids)
-    with ak.use(model, ak.Scale("a", "b", name="mix")) as routing:
+    with ak.use(model, ak.Mix("a", "b", name="mix")) as routing:
         out = logits(model, ids)
     torch.testing.assert_close(out, half, atol=1e-6, rtol=0)  # zero logits: equal weights
     assert sorted(routing.weights["mix"]) == ["bert.encoder.layer.0.attention.self.query",
@@ -154,7 +155,7 @@ def test_a_learned_block_runs_its_combiner_reports_and_trains() -> None:
     assert routing.aux_loss().item() == pytest.approx(2 * torch.tensor(0.5).log().item(), abs=1e-6)
     assert ak.train_only(model, "mix") == 4
     model.train()
-    with ak.use(model, ak.Scale("a", "b", name="mix")) as routing:
+    with ak.use(model, ak.Mix("a", "b", name="mix")) as routing:
         model(input_ids=ids).logits.pow(2).mean().backward()  # (the toy's aux loss would drown its 1e-9 gradients)
     assert routing.losses["entropy"][0].requires_grad
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -165,14 +166,17 @@ def test_learned_block_errors_name_what_is_wrong() -> None:
     model = _bert_with(("a", ak.LoRA(r=4), ["query"]), ("b", ak.LoRA(r=4), ["query", "value"]))
     ids = tokens()
     with pytest.raises(AdapterKitError, match="combiner 'mix', which is not attached"):
-        with ak.use(model, ak.Scale("a", "b", name="mix")):
+        with ak.use(model, ak.Mix("a", "b", name="mix")):
             pass
     ak.attach(model, "mix", SoftMix(), ["query"])
     with pytest.raises(AdapterKitError, match="needs a 'fuse' combiner, but 'mix' is a scale"):
-        with ak.use(model, ak.Fuse("a", "b", name="mix")):
+        with ak.use(model, Fuse("a", "b", name="mix")):  # the older block names still insist on their role
             pass
-    with pytest.raises(AdapterKitError, match="built for 2 children, the Scale block has 1"):
-        with ak.use(model, ak.Scale("a", name="mix")):
+    with pytest.raises(AdapterKitError, match="Mix uses combiner 'b', which is not attached"):
+        with ak.use(model, ak.Mix("a", name="b")):
+            pass
+    with pytest.raises(AdapterKitError, match="built for 2 children, the Mix block has 1"):
+        with ak.use(model, ak.Mix("a", name="mix")):
             pass
     with pytest.raises(AdapterKitError, match="no adapter named 'zz'"):
         with ak.use(model, ak.Stack("a", "zz")):
@@ -180,7 +184,7 @@ def test_learned_block_errors_name_what_is_wrong() -> None:
     with pytest.raises(AdapterKitError, match="is a 'scale' combiner"):
         ak.activate(model, "mix")
     with pytest.raises(AdapterKitError, match="no combiner 'mix' at 'bert.encoder.layer.0.attention.self.value'"):
-        with ak.use(model, ak.Scale("a", "b", name="mix")):
+        with ak.use(model, ak.Mix("a", "b", name="mix")):
             logits(model, ids)
     ak.merge(model, "a")
     with pytest.raises(AdapterKitError, match="'a' is merged"):

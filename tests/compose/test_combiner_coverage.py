@@ -8,4 +8,4 @@ from tests.compose import test_combiners, test_combiners_fuse, test_combiners_ro
 
 def test_every_registered_combiner_has_cases() -> None:
     covered = set(test_combiners.CASES) | set(test_combiners_fuse.CASES) | set(test_combiners_route.CASES)
-    assert sorted(covered) == ak.combiners()
+    assert sorted(covered) == ak.compose.available()

@@ -35,13 +35,13 @@ def _poly_skills(count: int, targets: list[str], rank: int = 2) -> Callable[[nn.
             torch.manual_seed(100 + index)
             ak.attach(model, name, ak.LoRA(r=rank), targets)
             randomize(model, name, seed=200 + index)
-        return ak.TaskRoute(*names, name="router")
+        return ak.Mix(*names, name="router")
     return make
 
 
 CASES["poly"] = [
-    ("bert", ak.Poly(n_tasks=2, n_skills=3), ["query", "value"], _poly_skills(3, ["query", "value"])),
-    ("gpt2", ak.Poly(n_tasks=3, n_skills=2, n_splits=4, sampling="sigmoid"), ["c_attn", "c_fc"],
+    ("bert", ak.compose.Poly(n_tasks=2, n_skills=3), ["query", "value"], _poly_skills(3, ["query", "value"])),
+    ("gpt2", ak.compose.Poly(n_tasks=3, n_skills=2, n_splits=4, sampling="sigmoid"), ["c_attn", "c_fc"],
      _poly_skills(2, ["c_attn", "c_fc"])),
 ]
 

@@ -46,25 +46,26 @@ def _seq_sources(model: nn.Module, block: Callable[..., Any], name: str) -> Any:
 
 CASES.update({
     "fusion": [
-        ("bert", ak.Fusion(), PFEIFFER, lambda m: _seq_sources(m, ak.Fuse, "fusion")),
-        ("bert", ak.Fusion(form="static", temperature=2.0), PFEIFFER, lambda m: _seq_sources(m, ak.Fuse, "fusion")),
-        ("llama", ak.Fusion(), ["o_proj"],
-         lambda m: (_children(m, ak.LoRA(r=2), ["o_proj"], ("x", "y")), ak.Fuse("x", "y", name="fusion"))[1]),
+        ("bert", ak.compose.Fusion(), PFEIFFER, lambda m: _seq_sources(m, ak.Mix, "fusion")),
+        ("bert", ak.compose.Fusion(form="static", temperature=2.0), PFEIFFER,
+         lambda m: _seq_sources(m, ak.Mix, "fusion")),
+        ("llama", ak.compose.Fusion(), ["o_proj"],
+         lambda m: (_children(m, ak.LoRA(r=2), ["o_proj"], ("x", "y")), ak.Mix("x", "y", name="fusion"))[1]),
     ],
     "scalearn": [
-        ("bert", ak.ScaLearn(sources=3), PFEIFFER, lambda m: _seq_sources(m, ak.Scale, "scalearn")),
-        ("bert", ak.ScaLearn(sources=3, form="scalar", share="model"), PFEIFFER,
-         lambda m: _seq_sources(m, ak.Scale, "scalearn")),
-        ("gpt2", ak.ScaLearn(sources=2, share="model"), ["c_proj"],
+        ("bert", ak.compose.ScaLearn(sources=3), PFEIFFER, lambda m: _seq_sources(m, ak.Mix, "scalearn")),
+        ("bert", ak.compose.ScaLearn(sources=3, form="scalar", share="model"), PFEIFFER,
+         lambda m: _seq_sources(m, ak.Mix, "scalearn")),
+        ("gpt2", ak.compose.ScaLearn(sources=2, share="model"), ["c_proj"],
          lambda m: (_children(m, ak.LoRA(r=2), [r"re:.*mlp\.c_proj"], ("x", "y")),
-                    ak.Stack(ak.Scale("x", "y", name="scalearn")))[1]),
+                    ak.Stack(ak.Mix("x", "y", name="scalearn")))[1]),
     ],
     "mixda": [
-        ("bert", ak.MixDA(domains=2, hidden=8), FFN_OUT,
-         lambda m: (_children(m, DOMAIN, FFN_OUT, ("d1", "d2")), ak.Gate("d1", "d2", name="mixda"))[1]),
-        ("bert", ak.MixDA(domains=1, hidden=8, depth=1, pool="mean"), FFN_OUT,
+        ("bert", ak.compose.MixDA(domains=2, hidden=8), FFN_OUT,
+         lambda m: (_children(m, DOMAIN, FFN_OUT, ("d1", "d2")), ak.Mix("d1", "d2", name="mixda"))[1]),
+        ("bert", ak.compose.MixDA(domains=1, hidden=8, depth=1, pool="mean"), FFN_OUT,
          lambda m: (_children(m, DOMAIN, FFN_OUT, ("d1",)), _children(m, SEQ, PFEIFFER, ("task",)),
-                    ak.Stack(ak.Gate("d1", name="mixda"), "task"))[2]),
+                    ak.Stack(ak.Mix("d1", name="mixda"), "task"))[2]),
     ],
 })
 # --- end of compose-a cases -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.core.errors import AdapterKitError
+from adapterkit.core.registry import spec_class
 from adapterkit.core.spec import AdapterSpec
 from adapterkit.inject.engine import placements
 from tests.conftest import make_tiny, randomize, tokens
@@ -23,17 +24,17 @@ Case = tuple[str, AdapterSpec, list[str], Callable[[Sequence[str]], Any]]
 CASES: dict[str, list[Case]] = {}
 
 # ---- Route: X-LoRA and MoLE (compose/xlora.py, compose/mole.py) ----------------------------------------------
-_XLORA = ak.spec_class("xlora")
-_MOLE = ak.spec_class("mole")
+_XLORA = spec_class("xlora")
+_MOLE = spec_class("mole")
 CASES["xlora"] = [
     ("llama", _XLORA(experts=3, hidden_size=32, depth=2, size=8, scalings="layerwise"), ["q_proj", "down_proj"],
-     lambda names: ak.Route(*names, name="comb")),
+     lambda names: ak.Mix(*names, name="comb")),
     ("bert", _XLORA(experts=2, hidden_size=32, top_k=1), ["query", "value"],
-     lambda names: ak.Stack(ak.Route(*names, name="comb"))),
+     lambda names: ak.Stack(ak.Mix(*names, name="comb"))),
 ]
 CASES["mole"] = [
-    ("llama", _MOLE(experts=4), ["gate_proj", "up_proj", "down_proj"], lambda names: ak.Route(*names, name="comb")),
-    ("bert", _MOLE(experts=2, top_k=2), ["intermediate.dense"], lambda names: ak.Route(*names, name="comb")),
+    ("llama", _MOLE(experts=4), ["gate_proj", "up_proj", "down_proj"], lambda names: ak.Mix(*names, name="comb")),
+    ("bert", _MOLE(experts=2, top_k=2), ["intermediate.dense"], lambda names: ak.Mix(*names, name="comb")),
 ]
 # ---- end Route ------------------------------------------------------------------------------------------------
 

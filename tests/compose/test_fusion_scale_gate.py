@@ -42,7 +42,7 @@ def test_fusion_equals_adapterhub_fuse_on_minilm() -> None:
     ours = copy.deepcopy(base)
     for name in "abc":
         ak.attach(ours, name, ak.SeqBottleneck(reduction_factor=16), PFEIFFER)
-    ak.attach(ours, "fusion", ak.Fusion(), PFEIFFER)
+    ak.attach(ours, "fusion", ak.compose.Fusion(), PFEIFFER)
     with torch.no_grad():
         for name in "abc":
             for path, _, host in placements(ours, name):
@@ -64,7 +64,7 @@ def test_fusion_equals_adapterhub_fuse_on_minilm() -> None:
     ours.eval()
     with torch.no_grad():
         expected = theirs(input_ids=ids).logits
-        with ak.use(ours, ak.Fuse("a", "b", "c", name="fusion")) as routing:
+        with ak.use(ours, ak.Mix("a", "b", "c", name="fusion")) as routing:
             got = ours(input_ids=ids).logits
         with ak.use(ours, ak.Average("a", "b", "c")):
             averaged = ours(input_ids=ids).logits
@@ -75,7 +75,7 @@ def test_fusion_equals_adapterhub_fuse_on_minilm() -> None:
     # the value regulariser equals AdapterHub's get_fusion_regularization_loss (training only)
     ak.train_only(ours, "fusion")
     ours.train()
-    with ak.use(ours, ak.Fuse("a", "b", "c", name="fusion")) as routing:
+    with ak.use(ours, ak.Mix("a", "b", "c", name="fusion")) as routing:
         ours(input_ids=ids)
     torch.testing.assert_close(routing.aux_loss(), theirs.base_model.get_fusion_regularization_loss().detach(),
                                rtol=1e-5, atol=1e-7)
@@ -84,21 +84,21 @@ def test_fusion_equals_adapterhub_fuse_on_minilm() -> None:
 def test_fusion_static_form_has_no_value_and_uses_temperature() -> None:
     model = make_tiny("bert")
     _sources(model)
-    ak.attach(model, "fs", ak.Fusion(form="static", temperature=1e6), PFEIFFER)
+    ak.attach(model, "fs", ak.compose.Fusion(form="static", temperature=1e6), PFEIFFER)
     assert ak.train_only(model, "fs") == 2 * 2 * (32 * 32 + 32)  # query and key per layer, no value
-    ak.attach(model, "third", ak.ScaLearn(sources=3, form="scalar", init_std=0.0, init_scale=1.0), PFEIFFER)
+    ak.attach(model, "third", ak.compose.ScaLearn(sources=3, form="scalar", init_std=0.0, init_scale=1.0), PFEIFFER)
     model.eval()
     ids = tokens()
-    with ak.use(model, ak.Scale("a", "b", "c", name="third")):  # LN(x + mean_i a_i), mixed before the norm
+    with ak.use(model, ak.Mix("a", "b", "c", name="third")):  # LN(x + mean_i a_i), mixed before the norm
         averaged = logits(model, ids)
-    with ak.use(model, ak.Fuse("a", "b", "c", name="fs")):  # a huge temperature: uniform attention = the mean
+    with ak.use(model, ak.Mix("a", "b", "c", name="fs")):  # a huge temperature: uniform attention = the mean
         fused = logits(model, ids)
     torch.testing.assert_close(fused, averaged, atol=1e-5, rtol=0)
     with ak.use(model, ak.Average("a", "b", "c")):  # the fixed block averages after the norm: another output
         assert (logits(model, ids) - fused).abs().max() > 1e-4
 
 
-def _scalearn_reference(model: nn.Module, spec: ak.ScaLearn, ids: torch.Tensor) -> torch.Tensor:
+def _scalearn_reference(model: nn.Module, spec: ak.compose.ScaLearn, ids: torch.Tensor) -> torch.Tensor:
     """y = LN(x + sum_i w_i a_i) at every Pfeiffer site, written out with forward hooks in float64."""
     model = copy.deepcopy(model).double()
     handles = []
@@ -122,7 +122,7 @@ def _scalearn_reference(model: nn.Module, spec: ak.ScaLearn, ids: torch.Tensor) 
 def test_scalearn_variants_match_the_equation_and_count(form: str, share: str, count: int) -> None:
     model = make_tiny("bert")
     _sources(model)
-    spec = ak.ScaLearn(sources=3, form=form, share=share)
+    spec = ak.compose.ScaLearn(sources=3, form=form, share=share)
     ak.attach(model, "s", spec, PFEIFFER)
     assert ak.train_only(model, "s") == count
     scales = [host.adapter("s").weights() for _, _, host in placements(model, "s")]
@@ -132,7 +132,7 @@ def test_scalearn_variants_match_the_equation_and_count(form: str, share: str, c
             each.normal_(0.5, 0.3)
     model.eval()
     ids = tokens()
-    with ak.use(model, ak.Scale("a", "b", "c", name="s")):
+    with ak.use(model, ak.Mix("a", "b", "c", name="s")):
         got = logits(model, ids)
     torch.testing.assert_close(got, _scalearn_reference(model, spec, ids), atol=1e-5, rtol=0)
 
@@ -140,12 +140,12 @@ def test_scalearn_variants_match_the_equation_and_count(form: str, share: str, c
 def test_scalearn_shared_scales_are_one_parameter_that_trains_saves_and_loads_once(tmp_path) -> None:
     model = make_tiny("bert")
     _sources(model)
-    ak.attach(model, "s", ak.ScaLearn(sources=3, share="model"), PFEIFFER)
+    ak.attach(model, "s", ak.compose.ScaLearn(sources=3, share="model"), PFEIFFER)
     layers = [host.adapter("s") for _, _, host in placements(model, "s")]
     assert layers[0].weights() is layers[1].weights()
     ak.train_only(model, "s")
     model.train()
-    with ak.use(model, ak.Scale("a", "b", "c", name="s")):
+    with ak.use(model, ak.Mix("a", "b", "c", name="s")):
         model(input_ids=tokens()).logits.pow(2).sum().backward()
     grad = layers[0].weights().grad
     assert grad is not None and grad.abs().sum() > 0
@@ -165,11 +165,11 @@ def test_scalearn_shared_scales_are_one_parameter_that_trains_saves_and_loads_on
 def test_scalearn_dropout_acts_on_the_scales_in_training_only() -> None:
     model = make_tiny("bert")
     _sources(model)
-    ak.attach(model, "s", ak.ScaLearn(sources=3, form="vector", dropout=0.3), PFEIFFER)
+    ak.attach(model, "s", ak.compose.ScaLearn(sources=3, form="vector", dropout=0.3), PFEIFFER)
     ids = tokens()
     model.train()
     torch.manual_seed(0)
-    with ak.use(model, ak.Scale("a", "b", "c", name="s")) as routing, torch.no_grad():
+    with ak.use(model, ak.Mix("a", "b", "c", name="s")) as routing, torch.no_grad():
         model(input_ids=ids)
     used = routing.weights["s"]["bert.encoder.layer.0.output.LayerNorm"]
     zeros = (used == 0).float().mean().item()
@@ -178,7 +178,7 @@ def test_scalearn_dropout_acts_on_the_scales_in_training_only() -> None:
     own = next(host.adapter("s") for _, _, host in placements(model, "s")).weights()
     assert torch.allclose(kept, (own / 0.7)[used != 0])
     model.eval()
-    with ak.use(model, ak.Scale("a", "b", "c", name="s")) as routing, torch.no_grad():
+    with ak.use(model, ak.Mix("a", "b", "c", name="s")) as routing, torch.no_grad():
         model(input_ids=ids)
     assert torch.equal(routing.weights["s"]["bert.encoder.layer.0.output.LayerNorm"], own)
 
@@ -187,16 +187,16 @@ def test_fusion_and_scale_refuse_children_that_combine_in_another_space() -> Non
     model = make_tiny("bert")
     _sources(model, ("a",))
     ak.attach(model, "bias", ak.BitFit(), PFEIFFER)  # a parallel delta on the norm: the post-norm space
-    ak.attach(model, "s", ak.ScaLearn(sources=2), PFEIFFER)
-    with ak.use(model, ak.Scale("a", "bias", name="s")), pytest.raises(AdapterKitError, match="another space"):
+    ak.attach(model, "s", ak.compose.ScaLearn(sources=2), PFEIFFER)
+    with ak.use(model, ak.Mix("a", "bias", name="s")), pytest.raises(AdapterKitError, match="another space"):
         logits(model, tokens())
     # where both live in the sub-layer's output space (no norm), they mix: y = f + w_a a + w_b b
     ak.attach(model, "a2", ak.SeqBottleneck(reduction_factor=4), FFN_OUT)
     ak.attach(model, "lora", ak.LoRA(r=2), FFN_OUT)
     randomize(model, "a2", seed=5)
     randomize(model, "lora", seed=6)
-    ak.attach(model, "s2", ak.ScaLearn(sources=2, form="scalar", init_std=0.0, init_scale=2.0), FFN_OUT)
-    with ak.use(model, ak.Scale("a2", "lora", name="s2")):
+    ak.attach(model, "s2", ak.compose.ScaLearn(sources=2, form="scalar", init_std=0.0, init_scale=2.0), FFN_OUT)
+    with ak.use(model, ak.Mix("a2", "lora", name="s2")):
         got = logits(model.eval(), tokens())
     with ak.use(model, ak.Parallel("a2", "lora")):  # weights 2 / N = 1: the plain sum of changes
         torch.testing.assert_close(got, logits(model, tokens()), atol=1e-6, rtol=0)
@@ -208,14 +208,14 @@ def test_mixda_gate_mixes_domain_adapters_with_the_ffn_by_the_equation() -> None
     for index, name in enumerate(("d1", "d2")):
         ak.attach(model, name, domain, FFN_OUT)
         randomize(model, name, scale=0.3, seed=40 + index)
-    ak.attach(model, "gate", ak.MixDA(domains=2, hidden=16, pool="last"), FFN_OUT)
+    ak.attach(model, "gate", ak.compose.MixDA(domains=2, hidden=16, pool="last"), FFN_OUT)
     (path, module, host), *_ = placements(model, "gate")
     assert path == "bert.encoder.layer.0.output.dense" and len(placements(model, "gate")) == 2
     model.eval()
     ids = tokens()
     seen = {}
     handle = module.register_forward_hook(lambda m, a, o: seen.update(x=a[0], out=o))
-    with ak.use(model, ak.Gate("d1", "d2", name="gate")) as routing:
+    with ak.use(model, ak.Mix("d1", "d2", name="gate")) as routing:
         logits(model, ids)
     handle.remove()
     x, mixed = seen["x"], seen["out"]
@@ -232,13 +232,13 @@ def test_mixda_gate_mixes_domain_adapters_with_the_ffn_by_the_equation() -> None
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: ak.Fusion(form="soft"), "fusion: form must be one of"),
-    (lambda: ak.ScaLearn(form="matrix"), "scalearn: form must be one of"),
-    (lambda: ak.ScaLearn(share="all"), "scalearn: share must be one of"),
-    (lambda: ak.ScaLearn(sources=0), "scalearn: sources must be a positive integer"),
-    (lambda: ak.ScaLearn(dropout=1.0), r"scalearn: dropout must lie in \[0, 1\)"),
-    (lambda: ak.MixDA(pool="max"), "mixda: pool must be one of"),
-    (lambda: ak.MixDA(domains=0), "mixda: domains must be a positive integer"),
+    (lambda: ak.compose.Fusion(form="soft"), "fusion: form must be one of"),
+    (lambda: ak.compose.ScaLearn(form="matrix"), "scalearn: form must be one of"),
+    (lambda: ak.compose.ScaLearn(share="all"), "scalearn: share must be one of"),
+    (lambda: ak.compose.ScaLearn(sources=0), "scalearn: sources must be a positive integer"),
+    (lambda: ak.compose.ScaLearn(dropout=1.0), r"scalearn: dropout must lie in \[0, 1\)"),
+    (lambda: ak.compose.MixDA(pool="max"), "mixda: pool must be one of"),
+    (lambda: ak.compose.MixDA(domains=0), "mixda: domains must be a positive integer"),
 ])
 def test_bad_combiner_specs_are_one_line_errors(make, message) -> None:
     with pytest.raises(SpecError, match=message) as info:

@@ -50,7 +50,7 @@ def test_routed_changes_equal_the_dense_float64_formula(top_k: int) -> None:
         def post(mod: nn.Module, args: tuple, out: torch.Tensor, path: str = path) -> None:
             seen[path] = (args[0], out - torch.nn.functional.linear(args[0], mod.weight))
         hooks.append(module.register_forward_hook(post))  # registered after the host's: sees the routed output
-    with torch.no_grad(), ak.use(model, ak.Route(*NAMES, name="mole")) as routing:
+    with torch.no_grad(), ak.use(model, ak.Mix(*NAMES, name="mole")) as routing:
         model(input_ids=tokens(batch=3, length=7))
     for handle in hooks:
         handle.remove()
@@ -68,7 +68,7 @@ def test_each_expert_runs_only_on_its_own_tokens() -> None:
     for name in NAMES:
         adapter = placements(model, name)[0][2].adapter(name)
         adapter.register_forward_hook(lambda m, a, o, name=name: rows.__setitem__(name, a[0].shape[0]))
-    with torch.no_grad(), ak.use(model, ak.Route(*NAMES, name="mole")) as routing:
+    with torch.no_grad(), ak.use(model, ak.Mix(*NAMES, name="mole")) as routing:
         model(input_ids=tokens(batch=3, length=7))
     first = routing.weights["mole"][placements(model, "mole")[0][0]]
     chosen = torch.bincount(first.argmax(-1).reshape(-1), minlength=4)
@@ -84,7 +84,7 @@ def test_balancing_loss_is_switch_and_the_router_learns_from_the_task_loss() -> 
     assert ak.train_only(model, "mole") == 2 * 4 * (32 + 32 + 64)  # 2 blocks, K x d_in per projection
     model.train()
     ids = tokens()
-    with ak.use(model, ak.Route(*NAMES, name="mole")) as routing:
+    with ak.use(model, ak.Mix(*NAMES, name="mole")) as routing:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward(retain_graph=True)
         task_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
@@ -101,7 +101,7 @@ def test_token_mask_keeps_padding_out_of_the_balancing_loss() -> None:
     seen: list[tuple[str, torch.Tensor]] = []  # (module path, its input), in execution order
     handles = [module.register_forward_hook(lambda m, args, out, path=path: seen.append((path, args[0])))
                for path, module, _ in placements(model, "mole")]
-    block = ak.Route(*NAMES, name="mole")
+    block = ak.Mix(*NAMES, name="mole")
     with torch.no_grad():
         with ak.use(model, block, token_mask=mask) as masked:
             model(input_ids=ids, attention_mask=mask)

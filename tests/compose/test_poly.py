@@ -10,6 +10,7 @@ import torch
 import adapterkit as ak
 from adapterkit.core.errors import AdapterKitError, SpecError, TargetError
 from adapterkit.inject.engine import placements
+from adapterkit.train import poly_tools
 from tests.conftest import logits, make_tiny, randomize, tokens
 
 TARGETS = ["query", "intermediate.dense", "output.dense"]  # square (32 -> 32) and rectangular (32 <-> 64)
@@ -22,7 +23,7 @@ def _peft_and_ours(n_splits: int, n_tasks: int = 3, n_skills: int = 4, r: int = 
     config = peft.PolyConfig(r=r, target_modules=TARGETS, n_tasks=n_tasks, n_skills=n_skills, n_splits=n_splits,
                              init_weights=False)  # B non-zero, so the update is not trivially 0
     reference = peft.get_peft_model(base, config).eval()
-    block = ak.attach_poly(ours, "poly", ak.LoRA(r=r, alpha=1.0), TARGETS, n_tasks=n_tasks, n_skills=n_skills,
+    block = poly_tools.attach_poly(ours, "poly", ak.LoRA(r=r, alpha=1.0), TARGETS, n_tasks=n_tasks, n_skills=n_skills,
                            n_splits=n_splits)
     layers = dict(reference.base_model.model.named_modules())
     generator = torch.Generator().manual_seed(0)
@@ -60,7 +61,7 @@ def test_outputs_equal_peft_poly(n_splits: int) -> None:
 
 def test_training_samples_relaxed_bernoulli_weights_and_sigmoid_sampling_is_deterministic() -> None:
     model = make_tiny("bert")
-    block = ak.attach_poly(model, "poly", ak.LoRA(r=2), ["query"], n_tasks=2, n_skills=3, n_splits=2)
+    block = poly_tools.attach_poly(model, "poly", ak.LoRA(r=2), ["query"], n_tasks=2, n_skills=3, n_splits=2)
     for child in block.children:
         randomize(model, child)
     ak.train_only(model, ["poly", *block.children])
@@ -75,7 +76,7 @@ def test_training_samples_relaxed_bernoulli_weights_and_sigmoid_sampling_is_dete
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
     assert len(grads) == 2 * (1 + 3 * 2)  # 2 query layers x (router logits + 3 skills x (A, B))
     sigmoid = make_tiny("bert")
-    block = ak.attach_poly(sigmoid, "poly", ak.LoRA(r=2), ["query"], n_tasks=2, n_skills=3, sampling="sigmoid")
+    block = poly_tools.attach_poly(sigmoid, "poly", ak.LoRA(r=2), ["query"], n_tasks=2, n_skills=3, sampling="sigmoid")
     for child in block.children:
         randomize(sigmoid, child)
     sigmoid.eval()
@@ -90,19 +91,20 @@ def test_training_samples_relaxed_bernoulli_weights_and_sigmoid_sampling_is_dete
 
 def test_task_route_errors_are_one_line() -> None:
     model = make_tiny("bert")
-    block = ak.attach_poly(model, "poly", ak.LoRA(r=2), ["query"], n_tasks=2, n_skills=2)
+    block = poly_tools.attach_poly(model, "poly", ak.LoRA(r=2), ["query"], n_tasks=2, n_skills=2)
     ids = tokens()
     cases = [
         (lambda: logits_with(model, block, ids, [0, 2]), "poly at 'bert.encoder.layer.0.attention.self.query': "
                                                           "task id 2 is out of range; this router has 2 task"),
         (lambda: logits_with(model, block, ids, [-1, 0]), "task id -1 is out of range"),
         (lambda: logits_with(model, block, ids, None), "pass task_ids= to use"),
-        (lambda: ak.Poly(n_splits=0), "n_splits must be a positive integer, got 0"),
-        (lambda: ak.Poly(sampling="gumbel"), "sampling must be one of"),
-        (lambda: ak.attach(make_tiny("bert"), "p", ak.Poly(n_splits=3), ["query"]), "n_splits=3 does not divide "
-                                                                                     "the in features (32)"),
-        (lambda: ak.attach(make_tiny("bert"), "p", ak.Poly(), ["LayerNorm"]), "cannot route"),
-        (lambda: ak.attach_poly(make_tiny("bert"), "p", ak.IA3(), ["query"], n_tasks=1), "skills must be a LoRA"),
+        (lambda: ak.compose.Poly(n_splits=0), "n_splits must be a positive integer, got 0"),
+        (lambda: ak.compose.Poly(sampling="gumbel"), "sampling must be one of"),
+        (lambda: ak.attach(make_tiny("bert"), "p", ak.compose.Poly(n_splits=3), ["query"]),
+         "n_splits=3 does not divide the in features (32)"),
+        (lambda: ak.attach(make_tiny("bert"), "p", ak.compose.Poly(), ["LayerNorm"]), "cannot route"),
+        (lambda: poly_tools.attach_poly(make_tiny("bert"), "p", ak.IA3(), ["query"], n_tasks=1),
+         "skills must be a LoRA"),
     ]
     for make, message in cases:
         with pytest.raises((AdapterKitError, SpecError, TargetError, ValueError)) as info:
@@ -110,24 +112,25 @@ def test_task_route_errors_are_one_line() -> None:
         assert message in str(info.value) and "\n" not in str(info.value)
     ak.attach(model, "odd", ak.LoRA(r=4), ["query"])
     with pytest.raises(AdapterKitError, match="skill 'odd' has rank 4 and scale 4.0"):
-        logits_with(model, ak.TaskRoute("poly_skill0", "odd", name="poly"), ids, [0, 1])
+        logits_with(model, ak.Mix("poly_skill0", "odd", name="poly"), ids, [0, 1])
     ak.attach(model, "bias", ak.BitFit(), ["query"])
     with pytest.raises(AdapterKitError, match="skill 'bias' is a bitfit, not a LoRA"):
-        logits_with(model, ak.TaskRoute("poly_skill0", "bias", name="poly"), ids, [0, 1])
+        logits_with(model, ak.Mix("poly_skill0", "bias", name="poly"), ids, [0, 1])
     ak.attach(model, "half", ak.LoRA(r=2), ["layer.0.attention.self.query"])
     with pytest.raises(AdapterKitError, match=r"skills \['half'\] are not attached here"):
-        logits_with(model, ak.TaskRoute("poly_skill0", "half", name="poly"), ids, [0, 1])
+        logits_with(model, ak.Mix("poly_skill0", "half", name="poly"), ids, [0, 1])
 
 
-def logits_with(model: torch.nn.Module, block: ak.TaskRoute, ids: torch.Tensor, task_ids: list[int] | None
+def logits_with(model: torch.nn.Module, block: ak.Mix, ids: torch.Tensor, task_ids: list[int] | None
                 ) -> torch.Tensor:
     with ak.use(model, block, task_ids=task_ids):
         return logits(model, ids)
 
 
-def _trained_poly(n_splits: int) -> tuple[torch.nn.Module, ak.TaskRoute]:
+def _trained_poly(n_splits: int) -> tuple[torch.nn.Module, ak.Mix]:
     model = make_tiny("bert")
-    block = ak.attach_poly(model, "poly", ak.LoRA(r=2), ["query", "value"], n_tasks=3, n_skills=4, n_splits=n_splits)
+    block = poly_tools.attach_poly(model, "poly", ak.LoRA(r=2), ["query", "value"], n_tasks=3, n_skills=4,
+                                   n_splits=n_splits)
     for index, name in enumerate(["poly", *block.children]):
         randomize(model, name, scale=0.5 if name == "poly" else 0.05, seed=index)
     return model.eval(), block
@@ -137,7 +140,7 @@ def _trained_poly(n_splits: int) -> tuple[torch.nn.Module, ak.TaskRoute]:
 def test_mhr_mu_is_one_plain_lora_equal_to_uniform_or_task_routing(n_splits: int) -> None:
     model, block = _trained_poly(n_splits)
     ids = tokens()
-    ak.mhr_mu(model, block, "mu")  # uniform 1 / m: independent of the trained routing
+    poly_tools.mhr_mu(model, block, "mu")  # uniform 1 / m: independent of the trained routing
     with torch.no_grad():  # equal logits make the routing exactly uniform (up to peft's 1e-12)
         for _, _, host in placements(model, "poly"):
             host.adapter("poly").module_logits.zero_()
@@ -156,7 +159,7 @@ def test_mhr_mu_with_a_task_equals_that_tasks_routing() -> None:
     ids = tokens()
     with ak.use(model, block, task_ids=[1, 1]):
         expected = logits(model, ids)
-    ak.mhr_mu(model, block, "task1", task=1)
+    poly_tools.mhr_mu(model, block, "task1", task=1)
     with ak.use(model, "task1"):
         out = logits(model, ids)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
@@ -169,7 +172,7 @@ def test_mhr_z_trains_only_a_new_routing_row_over_frozen_skills() -> None:
     ids = tokens()
     with ak.use(model, block, task_ids=[0, 2]):
         before = logits(model, ids)
-    new = ak.mhr_z(model, block, "poly_new")
+    new = poly_tools.mhr_z(model, block, "poly_new")
     assert new.children == block.children and new.name == "poly_new"
     count = ak.train_only(model, "poly_new")
     assert count == 4 * (1 * 4 * 4)  # 4 modules x one task x (4 heads x 4 skills)
@@ -187,13 +190,13 @@ def test_mhr_z_trains_only_a_new_routing_row_over_frozen_skills() -> None:
 
 def test_task_routing_table_has_every_task() -> None:
     model, block = _trained_poly(2)
-    table = ak.task_routing(model, "poly")
+    table = poly_tools.task_routing(model, "poly")
     assert len(table) == 4
     for weights in table.values():
         assert weights.shape == (3, 2, 4)
         torch.testing.assert_close(weights.sum(-1), torch.ones(3, 2))
     with pytest.raises(AdapterKitError, match="is a lora, not a poly router"):
-        ak.task_routing(model, "poly_skill0")
+        poly_tools.task_routing(model, "poly_skill0")
 
 
 def test_multitask_classifier_learns_with_a_poly_block() -> None:
@@ -201,7 +204,7 @@ def test_multitask_classifier_learns_with_a_poly_block() -> None:
 
     torch.manual_seed(0)
     encoder = make_tiny("bert").bert
-    block = ak.attach_poly(encoder, "poly", ak.LoRA(r=4), ["query", "value"], n_tasks=2, n_skills=3, n_splits=2)
+    block = poly_tools.attach_poly(encoder, "poly", ak.LoRA(r=4), ["query", "value"], n_tasks=2, n_skills=3, n_splits=2)
     ak.train_only(encoder, ["poly", *block.children])
     model = MultiTaskClassifier(encoder, {"a": 2, "b": 3}, block=block, dropout=0.0)
     ids, mask = tokens(batch=6), torch.ones(6, 8, dtype=torch.long)

@@ -10,6 +10,7 @@ import torch
 
 import adapterkit as ak
 from adapterkit.cli.main import main
+from adapterkit.train import poly_tools
 from adapterkit.train.routing_plot import plot_routing, plot_task_routing, task_panels, token_panels
 from tests.conftest import make_tiny, randomize
 
@@ -43,9 +44,9 @@ def test_token_level_record_becomes_layers_by_tokens_panels(tmp_path: Path) -> N
         token_panels(routing, example=4, combiners=["router"])
 
 
-def _poly_model() -> tuple[torch.nn.Module, ak.TaskRoute]:
+def _poly_model() -> tuple[torch.nn.Module, ak.Mix]:
     model = make_tiny("bert").bert
-    block = ak.attach_poly(model, "poly", ak.LoRA(r=2), ["query", "value"], n_tasks=3, n_skills=4, n_splits=2)
+    block = poly_tools.attach_poly(model, "poly", ak.LoRA(r=2), ["query", "value"], n_tasks=3, n_skills=4, n_splits=2)
     for index, name in enumerate(["poly", *block.children]):
         randomize(model, name, scale=1.0 if name == "poly" else 0.05, seed=index)
     return model.eval(), block
@@ -53,7 +54,7 @@ def _poly_model() -> tuple[torch.nn.Module, ak.TaskRoute]:
 
 def test_task_routing_plot_has_a_summary_and_one_panel_per_task(tmp_path: Path) -> None:
     model, block = _poly_model()
-    table = ak.task_routing(model, "poly")
+    table = poly_tools.task_routing(model, "poly")
     panels = task_panels(table, tasks=["sst2", "subj", "trec"])
     assert [p[0] for p in panels] == ["all modules (mean)", "sst2", "subj", "trec"]
     assert panels[0][1].shape == (3, 4) and panels[1][1].shape == (4, 4)

@@ -17,7 +17,7 @@ from adapterkit.interop.peft_format import export_peft
 from tests.conftest import make_tiny, randomize, tokens
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-EXPERTS = ak.Route("e0", "e1", "e2", name="xl")
+EXPERTS = ak.Mix("e0", "e1", "e2", name="xl")
 
 
 def _experts(model: nn.Module, folder: Path | None = None) -> None:

@@ -25,19 +25,21 @@ CASES: dict[str, list[tuple[str, ak.core.spec.AdapterSpec, list]]] = {  # type: 
     "par_bn": [("llama", ak.ParBottleneck(reduction_factor=4), ["mlp"]),
                ("gpt2", ak.ParBottleneck(hidden=4), ["mlp"])],
     "bitfit": [("bert", ak.BitFit(), ["dense", "LayerNorm"])],
-    "lt_sft": [("bert", ak.LTSFT(k=50), ["query", "value", "output.dense"]), ("gpt2", ak.LTSFT(k=20), ["c_attn"])],
-    "mosa": [("bert", ak.MoSA(reduction_factor=4), ["output.LayerNorm"]),
-             ("llama", ak.MoSA(hidden=8, experts=2, split="all", activation="gelu"), ["mlp"])],
-    "adapterbit": [("bert", ak.AdapterBit(), ["attention.output.dense", "output.dense"]),
-                   ("bert", ak.AdapterBit(reduction_factor=4), ["output.LayerNorm"])],
-    "lowbit": [("bert", ak.LowBit(ak.LoRA(r=4), bits=1), ["query", "value"]),
-               ("gpt2", ak.LowBit(ak.LoRA(r=2), bits=8), ["c_attn"]),
-               ("bert", ak.LowBit(ak.SeqBottleneck(reduction_factor=4), bits=2), ["output.LayerNorm"]),
-               ("llama", ak.LowBit(ak.ParBottleneck(hidden=8), bits=3), ["mlp"])],
-    "mask_tuning": [("bert", ak.MaskTuning(), ["query", "value", "attention.output.dense"]),
-                    ("gpt2", ak.MaskTuning(init=0.5, threshold=0.0), ["c_attn"])],
-    "splora": [("bert", ak.SPLoRA(r=4, init_range=0.0), ["intermediate.dense"]),
-               ("gpt2", ak.SPLoRA(r=2), ["c_fc"]), ("llama", ak.SPLoRA(r=2), ["gate_proj", "down_proj"])],
+    "lt_sft": [("bert", ak.methods.LTSFT(k=50), ["query", "value", "output.dense"]),
+               ("gpt2", ak.methods.LTSFT(k=20), ["c_attn"])],
+    "mosa": [("bert", ak.methods.MoSA(reduction_factor=4), ["output.LayerNorm"]),
+             ("llama", ak.methods.MoSA(hidden=8, experts=2, split="all", activation="gelu"), ["mlp"])],
+    "adapterbit": [("bert", ak.methods.AdapterBit(), ["attention.output.dense", "output.dense"]),
+                   ("bert", ak.methods.AdapterBit(reduction_factor=4), ["output.LayerNorm"])],
+    "lowbit": [("bert", ak.methods.LowBit(ak.LoRA(r=4), bits=1), ["query", "value"]),
+               ("gpt2", ak.methods.LowBit(ak.LoRA(r=2), bits=8), ["c_attn"]),
+               ("bert", ak.methods.LowBit(ak.SeqBottleneck(reduction_factor=4), bits=2), ["output.LayerNorm"]),
+               ("llama", ak.methods.LowBit(ak.ParBottleneck(hidden=8), bits=3), ["mlp"])],
+    "mask_tuning": [("bert", ak.methods.MaskTuning(), ["query", "value", "attention.output.dense"]),
+                    ("gpt2", ak.methods.MaskTuning(init=0.5, threshold=0.0), ["c_attn"])],
+    "splora": [("bert", ak.methods.SPLoRA(r=4, init_range=0.0), ["intermediate.dense"]),
+               ("gpt2", ak.methods.SPLoRA(r=2), ["c_fc"]),
+               ("llama", ak.methods.SPLoRA(r=2), ["gate_proj", "down_proj"])],
 }
 
 PARAMS = [pytest.param(kind, spec, targets, id=f"{method}-{kind}-{i}")
@@ -45,7 +47,7 @@ PARAMS = [pytest.param(kind, spec, targets, id=f"{method}-{kind}-{i}")
 
 
 def test_every_registered_method_has_a_case() -> None:
-    assert sorted(CASES) == ak.methods()
+    assert sorted(CASES) == ak.methods.available()
 
 
 def _attached(kind: str, spec, targets, name: str = "a"):

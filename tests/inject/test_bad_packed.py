@@ -46,7 +46,7 @@ def _load_error(folder: Path) -> str:
 
 
 def test_flipped_byte_in_a_packed_file_fails_the_checksum(tmp_path) -> None:
-    folder = _saved(tmp_path, ak.LowBit(ak.LoRA(r=4), bits=1))
+    folder = _saved(tmp_path, ak.methods.LowBit(ak.LoRA(r=4), bits=1))
     weights = next(folder.glob("adapter-*.safetensors"))
     blob = bytearray(weights.read_bytes())
     blob[-3] ^= 0xFF
@@ -56,35 +56,35 @@ def test_flipped_byte_in_a_packed_file_fails_the_checksum(tmp_path) -> None:
 
 
 def test_truncated_packed_codes(tmp_path) -> None:
-    folder = _saved(tmp_path, ak.LowBit(ak.LoRA(r=4), bits=1))
+    folder = _saved(tmp_path, ak.methods.LowBit(ak.LoRA(r=4), bits=1))
     _rewrite(folder, lambda t: t.update({KEY + "lora_a.codes": t[KEY + "lora_a.codes"][:-1].clone()}))
     message = _load_error(folder)
     assert "lora_a.codes" in message and "truncated or corrupted" in message
 
 
 def test_wrong_bit_count_in_packed_codes(tmp_path) -> None:
-    folder = _saved(tmp_path, ak.LowBit(ak.LoRA(r=4), bits=2))
+    folder = _saved(tmp_path, ak.methods.LowBit(ak.LoRA(r=4), bits=2))
     _rewrite(folder, lambda t: t.update({KEY + "lora_b.codes": pack(torch.zeros(32, 4, dtype=torch.long), 1)}))
     message = _load_error(folder)
     assert "lora_b.codes" in message and "stored with 1 bits, expected 2" in message
 
 
 def test_mask_of_the_wrong_shape(tmp_path) -> None:
-    folder = _saved(tmp_path, ak.MaskTuning())
+    folder = _saved(tmp_path, ak.methods.MaskTuning())
     _rewrite(folder, lambda t: t.update({KEY + "mask": pack(torch.ones(32, 31, dtype=torch.bool), 1)}))
     message = _load_error(folder)
     assert "tensor mask" in message and "(32, 31)" in message and "(32, 32)" in message
 
 
 def test_missing_packed_tensor(tmp_path) -> None:
-    folder = _saved(tmp_path, ak.MaskTuning())
+    folder = _saved(tmp_path, ak.methods.MaskTuning())
     _rewrite(folder, lambda t: t.pop(KEY + "mask"))
     assert "missing tensor 'mask'" in _load_error(folder)
 
 
 def test_splora_kept_rows_that_do_not_match_the_mask(tmp_path) -> None:
     model = make_tiny("bert")
-    ak.attach(model, "a", ak.SPLoRA(r=2), ["intermediate.dense"])
+    ak.attach(model, "a", ak.methods.SPLoRA(r=2), ["intermediate.dense"])
     folder = ak.save(model, tmp_path / "sp")
     key = "adapter.bert.encoder.layer.0.intermediate.dense.keep"
     _rewrite(folder, lambda t: t.update({key: pack(torch.arange(64) % 2 == 0, 1)}))
@@ -93,7 +93,7 @@ def test_splora_kept_rows_that_do_not_match_the_mask(tmp_path) -> None:
 
 
 def test_inspect_shows_stored_and_float32_bytes(tmp_path, capsys) -> None:
-    folder = _saved(tmp_path, ak.LowBit(ak.LoRA(r=8), bits=1))
+    folder = _saved(tmp_path, ak.methods.LowBit(ak.LoRA(r=8), bits=1))
     assert main(["inspect", str(folder)]) == 0
     out = capsys.readouterr().out
     params = 2 * 2 * (8 * 32 + 32 * 8 + 2 * 2)  # 2 layers x (query, value) x (A + B codes, (mu, sigma) of each)

@@ -46,7 +46,7 @@ def test_lloyd_max_levels_of_the_normal() -> None:
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_lowbit_lora_equation(bits) -> None:
     base = nn.Linear(10, 7)
-    holder, adapter = _one(base, ak.LowBit(ak.LoRA(r=4, alpha=8), bits=bits))
+    holder, adapter = _one(base, ak.methods.LowBit(ak.LoRA(r=4, alpha=8), bits=bits))
     a = adapter.inner.parametrizations.lora_a.original
     b = adapter.inner.parametrizations.lora_b.original
     x = torch.randn(3, 10, dtype=torch.float64)
@@ -57,7 +57,7 @@ def test_lowbit_lora_equation(bits) -> None:
 
 def test_straight_through_gradient_reaches_the_latents() -> None:
     base = nn.Linear(6, 5)
-    holder, adapter = _one(base, ak.LowBit(ak.LoRA(r=2, alpha=2), bits=1))
+    holder, adapter = _one(base, ak.methods.LowBit(ak.LoRA(r=2, alpha=2), bits=1))
     holder(torch.randn(4, 6, dtype=torch.float64)).pow(2).sum().backward()
     for p in adapter.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0  # sign() alone would give zero gradients
@@ -65,7 +65,7 @@ def test_straight_through_gradient_reaches_the_latents() -> None:
 
 def test_lowbit_bottleneck_equation() -> None:
     norm = nn.LayerNorm(8)
-    holder, adapter = _one(norm, ak.LowBit(ak.SeqBottleneck(hidden=3, scaling=2.0), bits=1))
+    holder, adapter = _one(norm, ak.methods.LowBit(ak.SeqBottleneck(hidden=3, scaling=2.0), bits=1))
     block = adapter.inner.block
     down, up = block.down.parametrizations.weight.original, block.up.parametrizations.weight.original
     x = torch.randn(4, 8, dtype=torch.float64)
@@ -77,7 +77,7 @@ def test_lowbit_bottleneck_equation() -> None:
 
 def test_lowbit_stores_bits_and_reloads_the_quantised_function(tmp_path) -> None:
     model = make_tiny("bert")
-    ak.attach(model, "a", ak.LowBit(ak.LoRA(r=8), bits=1), ["query", "value"])
+    ak.attach(model, "a", ak.methods.LowBit(ak.LoRA(r=8), bits=1), ["query", "value"])
     randomize(model, "a")
     ids = tokens()
     expected = logits(model, ids)
@@ -95,7 +95,7 @@ def test_lowbit_stores_bits_and_reloads_the_quantised_function(tmp_path) -> None
 
 def test_mask_tuning_equation_and_regulariser() -> None:
     base = nn.Linear(9, 6)
-    holder, adapter = _one(base, ak.MaskTuning(init=0.01, threshold=0.005, reg=1e-4))
+    holder, adapter = _one(base, ak.methods.MaskTuning(init=0.01, threshold=0.005, reg=1e-4))
     x = torch.randn(4, 9, dtype=torch.float64)
     keep = (adapter.scores > 0.005).double()
     torch.testing.assert_close(holder(x), x @ (keep * base.weight).T + base.bias, atol=1e-12, rtol=0)
@@ -109,7 +109,7 @@ def test_mask_tuning_equation_and_regulariser() -> None:
 
 def test_mask_tuning_gradient_is_straight_through() -> None:
     base = nn.Linear(5, 3)
-    holder, adapter = _one(base, ak.MaskTuning())
+    holder, adapter = _one(base, ak.methods.MaskTuning())
     x = torch.randn(2, 5, dtype=torch.float64)
     holder(x).sum().backward()
     # dL/dM := dL/dW_eff * W, with dL/dW_eff = sum over rows of x for an output sum
@@ -119,7 +119,7 @@ def test_mask_tuning_gradient_is_straight_through() -> None:
 
 def test_splora_equation_with_pruned_channels() -> None:
     base = nn.Linear(8, 6)
-    holder, adapter = _one(base, ak.SPLoRA(r=2))
+    holder, adapter = _one(base, ak.methods.SPLoRA(r=2))
     with torch.no_grad():
         adapter.keep[[1, 4]] = False
     x = torch.randn(3, 8, dtype=torch.float64)
@@ -132,7 +132,7 @@ def test_iterative_schedule_prunes_the_weakest_fused_rows_monotonically() -> Non
     assert sparsity_schedule(0.5, 0.1) == [0.1, 0.2, 0.3, 0.4, 0.5]
     assert len(sparsity_schedule(0.95)) == 19
     model = make_tiny("bert")
-    ak.attach(model, "p", ak.SPLoRA(r=4), ["intermediate.dense"])
+    ak.attach(model, "p", ak.methods.SPLoRA(r=4), ["intermediate.dense"])
     randomize(model, "p")
     before = None
     for sparsity in sparsity_schedule(0.5, 0.25):
@@ -151,7 +151,7 @@ def test_iterative_schedule_prunes_the_weakest_fused_rows_monotonically() -> Non
 
 def test_splora_export_is_smaller_and_equals_the_masked_model(tmp_path) -> None:
     model = make_tiny("bert")
-    ak.attach(model, "p", ak.SPLoRA(r=4), ["intermediate.dense"])
+    ak.attach(model, "p", ak.methods.SPLoRA(r=4), ["intermediate.dense"])
     randomize(model, "p")
     for sparsity in sparsity_schedule(0.5, 0.25):
         prune_channels(model, "p", sparsity)
@@ -178,7 +178,7 @@ def test_splora_export_is_smaller_and_equals_the_masked_model(tmp_path) -> None:
 def test_splora_unmerge_restores_pruned_rows_exactly() -> None:
     model = make_tiny("bert")
     reference = {k: v.clone() for k, v in model.state_dict().items()}
-    ak.attach(model, "p", ak.SPLoRA(r=4), ["intermediate.dense"])
+    ak.attach(model, "p", ak.methods.SPLoRA(r=4), ["intermediate.dense"])
     randomize(model, "p")
     prune_channels(model, "p", 0.5)
     ak.merge(model, "p")
@@ -191,6 +191,6 @@ def test_splora_unmerge_restores_pruned_rows_exactly() -> None:
 
 def test_shrink_refuses_layers_that_still_have_adapters() -> None:
     model = make_tiny("bert")
-    ak.attach(model, "p", ak.SPLoRA(r=4), ["intermediate.dense"])
+    ak.attach(model, "p", ak.methods.SPLoRA(r=4), ["intermediate.dense"])
     with pytest.raises(ak.TargetError, match="merge and detach them first"):
         shrink(model, kept_channels(model, "p"))

@@ -28,7 +28,7 @@ def _set(model: nn.Module, name: str, values_by_layer: list[tuple[list[int], lis
 
 def test_equation_float64() -> None:
     model = _holder()
-    ak.attach(model, "d", ak.LTSFT(k=4), targets=[nn.Linear])
+    ak.attach(model, "d", ak.methods.LTSFT(k=4), targets=[nn.Linear])
     first = model[0]
     _set(model, "d", [([0, 7, 29, 31], [0.5, -1.0, 2.0, 0.25]), ([3], [1.5])])  # 30 weights, then 5 biases
     delta_w = torch.zeros(30, dtype=torch.float64)
@@ -48,7 +48,7 @@ def test_sparse_product_matches_the_dense_delta_and_its_gradients(monkeypatch) -
 
     torch.manual_seed(0)
     holder = nn.Sequential(nn.Linear(40, 30)).double()
-    ak.attach(holder, "d", ak.LTSFT(k=9), targets=[nn.Linear])
+    ak.attach(holder, "d", ak.methods.LTSFT(k=9), targets=[nn.Linear])
     diff = diffs(holder, "d")[0]
     index = torch.tensor([0, 41, 77, 399, 800, 1199, 1200, 1215, 1229])  # weight entries, then 3 bias entries
     diff.set_support(index, torch.randn(9, dtype=torch.float64))
@@ -71,7 +71,7 @@ def test_sparse_product_matches_the_dense_delta_and_its_gradients(monkeypatch) -
 
 def test_top_k_keeps_the_most_changed_entries_over_all_layers_and_resets() -> None:
     model = _holder()
-    ak.attach(model, "d", ak.LTSFT(k=3), targets=[nn.Linear])
+    ak.attach(model, "d", ak.methods.LTSFT(k=3), targets=[nn.Linear])
     parts = diffs(model, "d")
     assert [d.values.numel() for d in parts] == [35, 24]  # dense at start: phase 1 trains every entry
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_apply_revert_restores_the_base_bit_exactly() -> None:
     model = make_tiny("bert")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = tokens()
-    ak.attach(model, "d", ak.LTSFT(k=200), targets=["query", "value", "dense"])
+    ak.attach(model, "d", ak.methods.LTSFT(k=200), targets=["query", "value", "dense"])
     generator = torch.Generator().manual_seed(0)
 
     def any_magnitude() -> None:  # values from 1e-9 to 1: W + v - v would not round back to W in float32
@@ -120,8 +120,8 @@ def _base(model: nn.Module) -> list[torch.Tensor]:
 def test_two_diffs_compose_by_addition_float64() -> None:
     model = _holder()
     base = [p.detach().clone() for p in _base(model)]
-    ak.attach(model, "domain", ak.LTSFT(k=3), targets=[nn.Linear])
-    ak.attach(model, "task", ak.LTSFT(k=3), targets=[nn.Linear])
+    ak.attach(model, "domain", ak.methods.LTSFT(k=3), targets=[nn.Linear])
+    ak.attach(model, "task", ak.methods.LTSFT(k=3), targets=[nn.Linear])
     _set(model, "domain", [([1, 30], [0.125, -0.5]), ([0], [0.3])])
     _set(model, "task", [([1, 2], [0.7, 0.1]), ([23], [-0.2])])  # overlaps the domain diff at entry 1
     expected = [p.clone() for p in base]
@@ -154,7 +154,7 @@ def test_two_diffs_compose_by_addition_float64() -> None:
 
 def _sparse_saved(tmp_path, k: int = 40):
     model = make_tiny("bert")
-    ak.attach(model, "d", ak.LTSFT(k=k), targets=["query", "value"])
+    ak.attach(model, "d", ak.methods.LTSFT(k=k), targets=["query", "value"])
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for d in diffs(model, "d"):
@@ -226,7 +226,7 @@ def test_malformed_indices_are_a_clear_error(tmp_path, edit, message) -> None:
 
 def test_lottery_ticket_two_phases() -> None:
     model = make_tiny("bert")
-    ak.attach(model, "d", ak.LTSFT(k=30), targets=["query", "value"])
+    ak.attach(model, "d", ak.methods.LTSFT(k=30), targets=["query", "value"])
     ak.train_only(model, "d", also=["classifier"])
     head = model.classifier.weight.detach().clone()
     generator = torch.Generator().manual_seed(5)
@@ -258,7 +258,7 @@ def test_lottery_ticket_two_phases() -> None:
 
 def test_l1_pull_adds_lambda_times_sign_to_the_gradient() -> None:
     model = _holder()
-    ak.attach(model, "d", ak.LTSFT(k=2), targets=[nn.Linear])
+    ak.attach(model, "d", ak.methods.LTSFT(k=2), targets=[nn.Linear])
     _set(model, "d", [([0, 1], [0.5, -0.5]), ([], [])])
     diff = diffs(model, "d")[0]
     diff.l1 = 0.25

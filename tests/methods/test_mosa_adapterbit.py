@@ -25,7 +25,7 @@ def _attached(spec, size: int = 12, seed: int = 0):
 
 
 def test_masks_are_disjoint_cover_and_balanced() -> None:
-    _, adapter = _attached(ak.MoSA(hidden=5, experts=3, split="all"))
+    _, adapter = _attached(ak.methods.MoSA(hidden=5, experts=3, split="all"))
     for name in ("down.weight", "up.weight"):
         owner = adapter.owner(name)
         assert owner.shape == adapter.adapter.block.get_parameter(name).shape
@@ -33,15 +33,15 @@ def test_masks_are_disjoint_cover_and_balanced() -> None:
         assert counts.sum() == owner.numel() and len(counts) == 3  # every entry has exactly one expert
         assert int(counts.max() - counts.min()) <= 1
     model_a, model_b = make_tiny("bert"), make_tiny("bert")
-    ak.attach(model_a, "a", ak.MoSA(reduction_factor=4), ["output.LayerNorm"])
-    ak.attach(model_b, "a", ak.MoSA(reduction_factor=4), ["output.LayerNorm"])
+    ak.attach(model_a, "a", ak.methods.MoSA(reduction_factor=4), ["output.LayerNorm"])
+    ak.attach(model_b, "a", ak.methods.MoSA(reduction_factor=4), ["output.LayerNorm"])
     owners_a = [h.adapter("a").owner("up.weight") for _, _, h in placements(model_a, "a")]
     owners_b = [h.adapter("a").owner("up.weight") for _, _, h in placements(model_b, "a")]
     assert all(torch.equal(a, b) for a, b in zip(owners_a, owners_b, strict=True))  # rebuilt from the seed
 
 
 def test_training_forward_is_one_expert_copy_and_updates_only_its_mask() -> None:
-    holder, adapter = _attached(ak.MoSA(hidden=4, experts=4, split="all", scaling=0.5))
+    holder, adapter = _attached(ak.methods.MoSA(hidden=4, experts=4, split="all", scaling=0.5))
     holder.train()
     x = torch.randn(3, 12, dtype=torch.float64)
     torch.manual_seed(11)
@@ -65,7 +65,7 @@ def test_training_forward_is_one_expert_copy_and_updates_only_its_mask() -> None
 
 def test_merged_adapter_is_the_mean_of_the_copies_and_a_plain_bottleneck() -> None:
     for split in ("up", "all"):
-        holder, adapter = _attached(ak.MoSA(hidden=4, experts=3, split=split, scaling=0.5))
+        holder, adapter = _attached(ak.methods.MoSA(hidden=4, experts=3, split=split, scaling=0.5))
         copies = [adapter.expert_weights(dict.fromkeys(adapter.split_names, i)) for i in range(3)]
         merged = adapter.merged_weights()
         for name in adapter.split_names:
@@ -90,7 +90,7 @@ def test_same_seed_same_expert_draws() -> None:
     outs = []
     for _ in range(2):
         model = make_tiny("bert")
-        ak.attach(model, "a", ak.MoSA(reduction_factor=4, experts=4), ["output.LayerNorm"])
+        ak.attach(model, "a", ak.methods.MoSA(reduction_factor=4, experts=4), ["output.LayerNorm"])
         randomize(model, "a")
         model.train()
         torch.manual_seed(3)
@@ -113,7 +113,7 @@ def test_consistency_loss_equation() -> None:
 
 
 def test_adapterbit_equations() -> None:
-    holder, adapter = _attached(ak.AdapterBit())  # s = 0.1, hidden = 12 / 2, GELU
+    holder, adapter = _attached(ak.methods.AdapterBit())  # s = 0.1, hidden = 12 / 2, GELU
     block, base, delta_b = adapter.adapter.block, holder[0], adapter.bias.delta_b
     assert block.down.weight.shape == (6, 12)
     x = torch.randn(3, 12, dtype=torch.float64)
@@ -124,7 +124,7 @@ def test_adapterbit_equations() -> None:
     torch.manual_seed(0)
     norm = nn.LayerNorm(8).double()
     holder = nn.Sequential(norm)
-    ak.attach(holder, "a", ak.AdapterBit(hidden=3), targets=[nn.LayerNorm])
+    ak.attach(holder, "a", ak.methods.AdapterBit(hidden=3), targets=[nn.LayerNorm])
     adapter = placements(holder, "a")[0][2].adapter("a")
     with torch.no_grad():
         for p in adapter.parameters():
@@ -138,11 +138,11 @@ def test_adapterbit_equations() -> None:
 
 def test_adapterbit_trains_the_target_bias_and_rejects_biasless_targets() -> None:
     model = make_tiny("bert")
-    ak.attach(model, "a", ak.AdapterBit(), ["output.dense"])
+    ak.attach(model, "a", ak.methods.AdapterBit(), ["output.dense"])
     ak.train_only(model, "a")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     # "output.dense" ends both sub-layers (attention and FFN) of the 2 layers: 4 adapters, 4 tuned biases
     assert sum(n.endswith("bias.delta_b") for n in trainable) == 4
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 * (32 + 2 * 32 * 16 + 16 + 32)
     with pytest.raises(ak.TargetError, match="with a bias"):
-        ak.attach(nn.Sequential(nn.Linear(4, 4, bias=False)), "a", ak.AdapterBit(), [nn.Linear])
+        ak.attach(nn.Sequential(nn.Linear(4, 4, bias=False)), "a", ak.methods.AdapterBit(), [nn.Linear])

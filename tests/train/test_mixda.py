@@ -26,7 +26,7 @@ def _setup() -> tuple[nn.Module, object]:
                         intermediate_size=64, max_position_embeddings=64, num_labels=2)
     model = BertForSequenceClassification(config)
     ak.attach(model, "dom", ak.ParBottleneck(reduction_factor=4, scaling=1.0, activation="gelu"), FFN_OUT)
-    ak.attach(model, "gate", ak.MixDA(domains=1, hidden=8), FFN_OUT)
+    ak.attach(model, "gate", ak.compose.MixDA(domains=1, hidden=8), FFN_OUT)
     return model, AutoTokenizer.from_pretrained(minilm_dir())
 
 
@@ -54,7 +54,7 @@ def test_old_knowledge_loss_is_zero_when_the_gate_keeps_the_ffn_and_positive_oth
             gate.mlp[-1].weight.zero_()
         losses: list[torch.Tensor] = []
         handles = _old_knowledge_hooks(model, SUBLAYERS, losses)
-        with ak.use(model, ak.Gate("dom", name="gate")), torch.no_grad():
+        with ak.use(model, ak.Mix("dom", name="gate")), torch.no_grad():
             model(input_ids=ids)
         for handle in handles:
             handle.remove()

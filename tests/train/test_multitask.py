@@ -46,8 +46,8 @@ def test_the_blocks_auxiliary_loss_is_added_with_its_weight() -> None:
     ak.attach(encoder, "mix", SoftMix(), ["query"])
     ids, mask = tokens(), torch.ones(2, 8, dtype=torch.long)
     task_ids, labels = torch.tensor([0, 0]), torch.tensor([1, 0])
-    plain = MultiTaskClassifier(encoder, {"t": 2}, block=ak.Scale("a", "b", name="mix"), aux_weight=0.0).eval()
-    weighted = MultiTaskClassifier(encoder, {"t": 2}, block=ak.Scale("a", "b", name="mix"), aux_weight=0.5).eval()
+    plain = MultiTaskClassifier(encoder, {"t": 2}, block=ak.Mix("a", "b", name="mix"), aux_weight=0.0).eval()
+    weighted = MultiTaskClassifier(encoder, {"t": 2}, block=ak.Mix("a", "b", name="mix"), aux_weight=0.5).eval()
     weighted.heads.load_state_dict(plain.heads.state_dict())
     base, out = plain(ids, mask, task_ids, labels), weighted(ids, mask, task_ids, labels)
     assert base.loss is not None and out.loss is not None

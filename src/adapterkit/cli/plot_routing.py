@@ -13,24 +13,31 @@ import torch
 import adapterkit as ak
 from adapterkit.cli.common import default_model_dir
 from adapterkit.core.errors import AdapterKitError
+from adapterkit.core.tree import hosts
 from adapterkit.inject.use import use
 from adapterkit.train.poly_tools import task_routing
 from adapterkit.train.routing_plot import plot_routing, plot_task_routing
 
 
+def _role(model: Any, name: str) -> str:
+    """What the combiner attached as ``name`` learns (its spec's role); "" when no combiner has that name."""
+    found = [host.adapter(name) for _, _, host in hosts(model) if name in host.names()]
+    return str(getattr(found[0].spec, "role", "")) if found else ""
+
+
 def plot_model_routing(model: Any, block: Any, path: str | Path, tokenizer: Any = None, text: str | None = None,
                        task_id: int = 0, tasks: Sequence[str] | None = None) -> list[Path]:
-    """Everything ``block`` routes: TaskRoute routers from their weights, others from one forward on ``text``.
+    """Everything ``block`` routes: task routers (Poly / MHR) from their weights, others from one forward on ``text``.
 
-    The token-level plot goes to ``path``; TaskRoute plots go there too when they are all there is, else to
+    The token-level plot goes to ``path``; task-routing plots go there too when they are all there is, else to
     ``<stem>-<router>.png`` beside it. Returns the files written.
     """
     out = Path(path)
     learned = block.combiners()
-    by_task = [name for b, name in learned if b.kind == "task_route"]
-    others = [name for b, name in learned if b.kind != "task_route"]
+    by_task = [name for _, name in learned if _role(model, name) == "task_route"]
+    others = [name for _, name in learned if _role(model, name) != "task_route"]
     if not learned:
-        raise AdapterKitError("plot-routing: the block has no learned block (Route, Gate, TaskRoute, ...) to plot")
+        raise AdapterKitError("plot-routing: the block has no learned block (Mix) to plot")
     written: list[Path] = []
     if others:
         if tokenizer is None or text is None:
@@ -79,7 +86,7 @@ def cmd_plot_routing(args: argparse.Namespace) -> int:
     for folder in args.adapter:
         ak.load(model, folder)
     tokenizer = None
-    if any(b.kind != "task_route" for b, _ in block.combiners()):
+    if any(_role(model, name) != "task_route" for _, name in block.combiners()):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

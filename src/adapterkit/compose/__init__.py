@@ -1,8 +1,11 @@
-"""One file per combiner. Importing this package imports every module in it, and each registers itself."""
+"""The learned combiners of ``Mix`` blocks, one file each; importing the package imports every file, and each
+registers itself.
 
-import importlib
-import pkgutil
+Every combiner's spec class is an attribute here (``adapterkit.compose.Fusion(...)``); ``available()`` lists the
+registered combiner names.
+"""
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+from adapterkit.core.namespace import fill as _fill
+from adapterkit.core.registry import combiners as available
+
+__all__ = _fill(__name__, __path__, available)

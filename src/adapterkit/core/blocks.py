@@ -6,10 +6,11 @@ A child is an adapter name or another block. Fixed blocks need nothing learned:
 * ``Parallel(a, b)``: both run on the same input; their changes add: ``y + (a(y) - y) + (b(y) - y)``.
 * ``Average(a, b, weights=(.7, .3))``: the same with fixed weights: ``y + sum_i w_i (child_i(y) - y)``.
 
-Learned blocks name a *combiner*, a module attached like an adapter (``ak.attach(model, "fusion",
-ak.FusionSpec(), targets)``) that holds the learned part: ``Fuse`` (AdapterFusion attention), ``Scale`` (ScaLearn
-scales), ``Gate`` (MixDA softmax gate), ``Route`` (token-level expert routing: X-LoRA, MoLE) and ``TaskRoute``
-(Poly / MHR routing by task id). Each combiner spec declares the block it serves (its ``role``).
+The learned block ``Mix(a, b, c, name="fusion")`` runs its children through a *combiner*, a module attached like an
+adapter (``ak.attach(model, "fusion", ak.compose.Fusion(), targets)``) that holds the learned part: AdapterFusion
+attention, ScaLearn scales, a MixDA gate, X-LoRA / MoLE routing, Poly / MHR task routing. What it learns is the
+combiner's (its spec's ``role``), so one block serves them all. ``Fuse``, ``Scale``, ``Gate``, ``Route`` and
+``TaskRoute`` are the older names of ``Mix`` that also insist on one role; they are kept for one release.
 
 ``Select`` runs one adapter per example of a batch (None: the base model for that row); it is top-level only.
 
@@ -138,6 +139,12 @@ class Learned(Block):
         return {"name": self.name}
 
 
+class Mix(Learned):
+    """Children combined by the learned combiner ``name`` attached to the model, whatever it learns."""
+
+    kind: ClassVar[str] = "mix"
+
+
 class Fuse(Learned):
     """AdapterFusion: per-token attention over the children's outputs (combiner role "fuse")."""
 
@@ -170,14 +177,14 @@ class TaskRoute(Learned):
 
 
 FIXED: tuple[type[Block], ...] = (Stack, Parallel, Average)
-LEARNED: tuple[type[Block], ...] = (Fuse, Scale, Gate, Route, TaskRoute)
+LEARNED: tuple[type[Block], ...] = (Mix, Fuse, Scale, Gate, Route, TaskRoute)
 # Which blocks each block may hold (adapter names are always allowed). Learned blocks combine adapters directly:
 # their combiners see one output (or one parameter set) per child, which a nested block does not have.
 ALLOWED: dict[type[Block], tuple[type[Block], ...]] = {
     Stack: FIXED + LEARNED,
     Parallel: FIXED + LEARNED,
     Average: FIXED + LEARNED,
-    Fuse: (), Scale: (), Gate: (), Route: (), TaskRoute: (),
+    Mix: (), Fuse: (), Scale: (), Gate: (), Route: (), TaskRoute: (),
 }
 
 

@@ -239,9 +239,10 @@ def check_combiners(block: Any, found: Sequence[tuple[str, Any]]) -> None:
             raise AdapterKitError(f"{type(learned).__name__} uses combiner {name!r}, which is not attached "
                                   f"(attached combiners: {sorted(modules) or 'none'})")
         role = getattr(module.spec, "role", None)
-        if role != learned.kind:
-            raise AdapterKitError(f"{type(learned).__name__} needs a {learned.kind!r} combiner, but {name!r} is "
-                                  f"a {role or 'plain adapter'}")
+        if not role or (learned.kind != "mix" and role != learned.kind):
+            needs = "a combiner" if learned.kind == "mix" else f"a {learned.kind!r} combiner"
+            raise AdapterKitError(f"{type(learned).__name__} needs {needs}, but {name!r} is a "
+                                  f"{role or 'plain adapter'}")
         wanted = getattr(module, "branches", None)
         if wanted is not None and wanted != len(learned.children):
             raise AdapterKitError(f"combiner {name!r} was built for {wanted} children, the "

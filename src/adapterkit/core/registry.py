@@ -40,8 +40,13 @@ def methods() -> list[str]:
 
 
 def combiners() -> list[str]:
-    """Names of every registered combiner (the learned parts of Fuse, Scale, Gate, Route, TaskRoute), sorted."""
+    """Names of every registered combiner (the learned part of a ``Mix`` block), sorted."""
     return sorted(name for name, cls in _SPECS.items() if cls.role)
+
+
+def registered_classes() -> list[type[AdapterSpec]]:
+    """Every registered spec class (methods and combiners), in registration order."""
+    return list(_SPECS.values())
 
 
 def spec_from_dict(data: dict[str, Any], where: str = "spec") -> AdapterSpec:

@@ -115,7 +115,7 @@ def set_active(model: nn.Module, names: Sequence[str]) -> None:
         for each in names:
             if each in host.names() and host.adapter(each).spec.role:
                 raise NameInUseError(f"{each!r} is a {host.adapter(each).spec.role!r} combiner: run it through its "
-                                     "block, e.g. ak.use(model, ak.Fuse('a', 'b', name=...))")
+                                     "block, e.g. ak.use(model, ak.Mix('a', 'b', name=...))")
     for _, _, host in held:
         host.active = [n for n in names if n in host.names()]
 

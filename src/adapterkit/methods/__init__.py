@@ -1,8 +1,10 @@
-"""One file per method. Importing this package imports every module in it, and each registers itself."""
+"""The adapter methods, one file each; importing the package imports every file, and each registers itself.
 
-import importlib
-import pkgutil
+Every method's spec class is an attribute here (``adapterkit.methods.LowBit(...)``); ``available()`` lists the
+registered method names.
+"""
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+from adapterkit.core.namespace import fill as _fill
+from adapterkit.core.registry import methods as available
+
+__all__ = _fill(__name__, __path__, available)

@@ -2,7 +2,7 @@
 
 Caccia et al. 2023, "Multi-Head Adapter Routing for Cross-Task Generalization", https://arxiv.org/abs/2211.03831:
 
-* ``attach_poly``: m LoRA skills and one Poly router on the same modules; returns the ``TaskRoute`` block.
+* ``attach_poly``: m LoRA skills and one Poly router on the same modules; returns the ``Mix`` block that runs them.
 * ``mhr_z``: a fresh one-task router over the frozen skills (train only it: ``ak.train_only(model, name)``).
 * ``mhr_mu``: collapse the skills into one plain LoRA, A = sum_s w_s A_s and B = sum_s w_s B_s per head, with
   w_s = 1 / m (MHR-mu) or a trained task's routing weights; the result is an ordinary LoRA: train, merge, export.
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from adapterkit.compose.poly import Poly, PolyRouter, mix_factors
-from adapterkit.core.blocks import TaskRoute
+from adapterkit.core.blocks import Learned, Mix
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.inject.engine import attach, placements
 from adapterkit.inject.select import Targets
@@ -27,7 +27,7 @@ from adapterkit.methods.lora import LoRA
 
 
 def attach_poly(model: nn.Module, name: str, skill: LoRA, targets: Targets, n_tasks: int, n_skills: int = 4,
-                n_splits: int = 1, sampling: str = "relaxed_bernoulli") -> TaskRoute:
+                n_splits: int = 1, sampling: str = "relaxed_bernoulli") -> Mix:
     """Attach skills ``{name}_skill0 ..`` (LoRAs from ``skill``) and the router ``name``; return their block.
 
     Each skill's A is re-drawn Kaiming-uniform per head (fan-in = in / n_splits), as peft and mttl initialise
@@ -44,7 +44,7 @@ def attach_poly(model: nn.Module, name: str, skill: LoRA, targets: Targets, n_ta
         attach(model, each, skill, exact)
         for _, _, host in placements(model, each):
             _init_per_head(host.adapter(each).lora_a, n_splits)
-    return TaskRoute(*names, name=name)
+    return Mix(*names, name=name)
 
 
 def _init_per_head(a: Tensor, heads: int) -> None:
@@ -55,10 +55,10 @@ def _init_per_head(a: Tensor, heads: int) -> None:
             block.uniform_(-bound, bound)
 
 
-def _routers(model: nn.Module, block: TaskRoute) -> list[tuple[str, PolyRouter, list[Any]]]:
+def _routers(model: nn.Module, block: Learned) -> list[tuple[str, PolyRouter, list[Any]]]:
     """(path, router, skills) for each module the block's router is on."""
-    if not isinstance(block, TaskRoute):
-        raise AdapterKitError(f"expected a TaskRoute block, got {type(block).__name__}")
+    if not isinstance(block, Learned):
+        raise AdapterKitError(f"expected the Mix block of a Poly router, got {type(block).__name__}")
     found = []
     for path, _, host in placements(model, block.name):
         router = host.adapter(block.name)
@@ -72,7 +72,7 @@ def _routers(model: nn.Module, block: TaskRoute) -> list[tuple[str, PolyRouter, 
     return found
 
 
-def mhr_z(model: nn.Module, block: TaskRoute, name: str) -> TaskRoute:
+def mhr_z(model: nn.Module, block: Learned, name: str) -> Mix:
     """MHR-z: attach a fresh one-task router ``name`` (Z ~ U(-1e-3, 1e-3)) over ``block``'s skills.
 
     Train it alone (``ak.train_only(model, name)``) with ``use(model, returned_block, task_ids=[0] * batch)``;
@@ -82,10 +82,10 @@ def mhr_z(model: nn.Module, block: TaskRoute, name: str) -> TaskRoute:
     old = routers[0][1].spec
     spec = Poly(n_tasks=1, n_skills=old.n_skills, n_splits=old.n_splits, sampling=old.sampling)
     attach(model, name, spec, [f"re:{re.escape(path)}" for path, _, _ in routers])
-    return TaskRoute(*block.children, name=name)
+    return Mix(*block.children, name=name)
 
 
-def mhr_mu(model: nn.Module, block: TaskRoute, name: str, task: int | None = None) -> str:
+def mhr_mu(model: nn.Module, block: Learned, name: str, task: int | None = None) -> str:
     """MHR-mu: attach a plain LoRA ``name`` equal to ``block`` with uniform weights 1 / m (``task=None``), or
     with task ``task``'s eval-mode routing; returns ``name``.
 

@@ -3,7 +3,7 @@
 * ``plot_routing``: what token-level routers (Route, Gate, Fuse, Scale) reported in one forward, from the
   ``Routing`` record ``use`` yields: one panel per combiner and expert, layers (rows) x tokens (columns). A
   combiner's weights at a module are read as (B, T, K) per token, (B, K) per example or (K,) for the whole batch.
-* ``plot_task_routing``: a TaskRoute router's weights for every task (``ak.task_routing``): tasks x skills
+* ``plot_task_routing``: a Poly router's weights for every task (``poly_tools.task_routing``): tasks x skills
   averaged over modules and heads, then one panel per task with modules x skills.
 """
 
@@ -122,5 +122,5 @@ def plot_routing(routing: Routing, path: str | Path, example: int = 0, tokens: S
 
 def plot_task_routing(table: dict[str, Tensor], path: str | Path, tasks: Sequence[str] | None = None,
                       name: str = "task routing") -> Path:
-    """Heat maps of a TaskRoute router's weights per task, from ``ak.task_routing(model, router)``."""
+    """Heat maps of a Poly router's weights per task, from ``poly_tools.task_routing(model, router)``."""
     return draw(task_panels(table, tasks), path, f"{name}: routing weights per task")
