@@ -132,3 +132,19 @@ def test_records_of_the_older_hash_scheme_still_load(tmp_path) -> None:
     ak.load(base, tmp_path / "ad")
     with pytest.raises(StateError, match="weights differ"):
         ak.load(make_tiny("bert", seed=5), tmp_path / "ad")
+
+
+def test_load_walks_the_module_tree_twice(tmp_path, monkeypatch) -> None:
+    ak.save(_trained(), tmp_path / "ad")
+    fresh = make_tiny("bert")
+    walks = []
+    real = torch.nn.Module.named_modules
+
+    def counted(self, *args, **kwargs):
+        if self is fresh:
+            walks.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counted)
+    ak.load(fresh, tmp_path / "ad")
+    assert len(walks) <= 2  # c50f2e0 walked it 9 times

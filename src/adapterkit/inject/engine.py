@@ -34,15 +34,16 @@ def attach(model: nn.Module, name: str, spec: AdapterSpec, targets: Targets) -> 
     return _build(name, spec, select(model, targets))
 
 
-def attach_at(model: nn.Module, name: str, spec: AdapterSpec, paths: Sequence[str], fresh_init: bool = True
-              ) -> list[str]:
+def attach_at(model: nn.Module, name: str, spec: AdapterSpec, paths: Sequence[str], fresh_init: bool = True,
+              modules: dict[str, nn.Module] | None = None) -> list[str]:
     """Attach ``name`` at exactly these module ``paths`` (no target selection): how a saved adapter is rebuilt.
 
     With ``fresh_init=False`` the spec's random initialisation draws from a forked random stream, so the caller's
-    RNG state is left as it was (the weights are about to be overwritten by saved ones anyway).
+    RNG state is left as it was (the weights are about to be overwritten by saved ones anyway). ``modules`` is
+    ``dict(model.named_modules())`` when the caller has it already (one walk of the tree fewer).
     """
     _check_new(model, name, spec)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules()) if modules is None else modules
     missing = [p for p in paths if p not in modules or HOST_ATTR in p.split(".")]
     if missing:
         raise TargetError(f"attach({name!r}): this model has no module {missing[0]!r}")

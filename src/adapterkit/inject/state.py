@@ -158,7 +158,7 @@ def attach_saved(model: nn.Module, record: dict[str, Any], tensors: dict[str, to
         _check_same_adapter(model, name, spec, record, where)
         _copy_tensors(modules, name, record, tensors, where)
         return name
-    attach_at(model, name, spec, record["targets"], fresh_init=False)
+    attach_at(model, name, spec, record["targets"], fresh_init=False, modules=modules)
     try:
         _copy_tensors(modules, name, record, tensors, where)
     except BaseException:
