@@ -9,6 +9,8 @@ import torch
 
 import adapterkit as ak
 
+ADAPTERS = 8  # LoRA adapters of the tiny Llama in the HTTP tests
+
 WORDS = ("the a cat dog sat on mat ran fast slow big small red blue green one two three four five six seven "
          "eight nine ten and or but not is was very good bad happy sad film book song play run walk talk sing "
          "read write open close up down left right yes no hello world").split()

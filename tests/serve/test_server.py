@@ -24,13 +24,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from adapterkit.serve.app import ServeConfig  # noqa: E402
 from adapterkit.serve.runners import Row  # noqa: E402
-from adapterkit.serve.server import Running, build_app, start_in_thread  # noqa: E402
-from tests.serve.fixtures import WORDS, causal_adapters, causal_dir, classifier_adapters, classifier_dir  # noqa: E402
-
-ADAPTERS = 8
-LIMIT = 30.0  # seconds per HTTP call: generous, the CPU may be shared with other work
+from adapterkit.serve.server import Running  # noqa: E402
+from tests.serve.client import LIMIT, server  # noqa: E402
+from tests.serve.client import expect_error as _error  # noqa: E402
+from tests.serve.fixtures import ADAPTERS, WORDS  # noqa: E402
 
 
 def _post(url: str, **kwargs) -> httpx.Response:
@@ -46,31 +44,9 @@ def _delete(url: str) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("serve")
-    causal_dir(root / "lm")
-    causal_adapters(root / "lm", root / "lm_adapters", ADAPTERS)
-    classifier_dir(root / "cls")
-    classifier_adapters(root / "cls", root / "cls_runs", [2, 4, 3])
-    return {"root": root, "lm": root / "lm", "lm_adapters": root / "lm_adapters", "cls": root / "cls",
-            "cls_runs": root / "cls_runs"}
-
-
-@contextlib.contextmanager
-def server(model: Path, adapters: Path | None, **options) -> Iterator[Running]:
-    resident = options.pop("max_resident", ADAPTERS)
-    app = build_app(model, adapters, max_resident=resident, config=ServeConfig(**options))
-    running = start_in_thread(app)
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture(scope="module")
 def lm(folders) -> Iterator[Running]:
-    with server(folders["lm"], folders["lm_adapters"], max_batch=16, max_wait_ms=20, max_input_tokens=40,
-                max_tokens=12, max_body_bytes=4096) as running:
+    with server(folders["lm"], folders["lm_adapters"], max_resident=ADAPTERS, max_batch=16, max_wait_ms=20,
+                max_input_tokens=40, max_tokens=12, max_body_bytes=4096) as running:
         yield running
 
 
@@ -118,7 +94,7 @@ def test_load_32_clients_8_adapters_equal_to_each_request_alone(lm) -> None:
 
 
 def test_classify_mixed_heads_over_http(folders) -> None:
-    with server(folders["cls"], folders["cls_runs"], max_batch=8, max_wait_ms=20) as running:
+    with server(folders["cls"], folders["cls_runs"], max_resident=ADAPTERS, max_batch=8, max_wait_ms=20) as running:
         runner = running.server.config.app.state.runner
         texts = ["the cat sat", "a very good film", "hello world", "bad bad bad", "one two", "yes no yes"]
 
@@ -146,15 +122,6 @@ def test_classify_mixed_heads_over_http(folders) -> None:
         _error(_post(f"{running.url}/v1/classify", json={"model": "cls0", "input": ["a", "cat " * 64]}), 413,
                "input[1]: 65 tokens", "at most 64")
         _error(_post(f"{running.url}/v1/classify", json={"model": "cls0", "input": []}), 400, "empty")
-
-
-def _error(response: httpx.Response, status: int, *words: str) -> str:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == status
-    message = error["message"]
-    assert "\n" not in message and all(w in message for w in words), message
-    return message
 
 
 def test_bad_requests_get_4xx_with_json_errors(lm) -> None:
@@ -193,14 +160,17 @@ def test_list_load_unload_health_metrics(lm, folders) -> None:
     body = {"model": "late", "prompt": "the red cat", "max_tokens": 4}
     _error(_post(f"{lm.url}/v1/completions", json=body), 404)
     assert _post(f"{lm.url}/v1/adapters", json={"name": "late"}).json()["loaded"] == "late"
-    _error(_post(f"{lm.url}/v1/adapters", json={"name": "late"}), 400, "already loaded")
+    _error(_post(f"{lm.url}/v1/adapters", json={"name": "late"}), 409, "already loaded")
     late = _post(f"{lm.url}/v1/completions", json=body).json()["choices"][0]["text"]
     same = _post(f"{lm.url}/v1/completions", json={**body, "model": "ad5"}).json()["choices"][0]["text"]
     assert late == same  # a copy of ad5's folder answers as ad5 does
     assert _delete(f"{lm.url}/v1/adapters/late").json()["unloaded"] == "late"
     _error(_post(f"{lm.url}/v1/completions", json=body), 404)
     _error(_delete(f"{lm.url}/v1/adapters/late"), 404)
-    _error(_post(f"{lm.url}/v1/adapters", json={"name": "missing"}), 400, "not an adapter folder")
+    _error(_post(f"{lm.url}/v1/adapters", json={"name": "missing"}), 404, "missing: no such adapter folder")
+    (folders["lm_adapters"] / "junk").mkdir()  # a folder, but no adapter in it: a bad request, not a missing one
+    _error(_post(f"{lm.url}/v1/adapters", json={"name": "junk"}), 400, "not an adapter folder")
+    (folders["lm_adapters"] / "junk").rmdir()
     assert (folders["lm_adapters"] / "late" / "adapter.json").is_file()
     health = _get(f"{lm.url}/health").json()
     assert health["status"] == "ok" and health["task"] == "completions" and health["adapters_loaded"] == ADAPTERS
@@ -229,8 +199,8 @@ def _blocked(running: Running) -> tuple[threading.Event, threading.Event]:
 
 
 def test_full_queue_answers_503_and_timeouts_504(folders) -> None:
-    with server(folders["lm"], folders["lm_adapters"], max_batch=1, max_queue=1, max_wait_ms=0,
-                timeout_s=2.0) as running:
+    with server(folders["lm"], folders["lm_adapters"], max_resident=ADAPTERS, max_batch=1, max_queue=1,
+                max_wait_ms=0, timeout_s=2.0) as running:
         entered, release = _blocked(running)
         batcher = running.server.config.app.state.batcher
         body = {"model": "ad1", "prompt": "the cat", "max_tokens": 2}
@@ -250,6 +220,7 @@ def test_full_queue_answers_503_and_timeouts_504(folders) -> None:
 
         first, full, timed_out = asyncio.run(go())
         _error(full, 503, "queue")
+        assert full.headers["retry-after"] == "1"  # busy for now: when to try again
         _error(timed_out, 504, "timed out after 2 s")
         assert first.status_code == 504  # it too waited past the timeout
         assert _post(f"{running.url}/v1/completions", json=body).status_code == 200  # the server recovered
@@ -263,17 +234,19 @@ def test_cli_serve_starts_and_answers(folders) -> None:
         port = sock.getsockname()[1]
     src = str(Path(__file__).resolve().parents[2] / "src")
     process = subprocess.Popen([sys.executable, "-m", "adapterkit.cli.main", "serve", "--model", str(folders["lm"]),
-                                "--adapters", str(folders["lm_adapters"]), "--port", str(port), "--max-batch", "4"],
+                                "--adapters", str(folders["lm_adapters"]), "--port", str(port), "--max-batch", "4",
+                                "--threads", "1"],
                                env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120  # a fresh interpreter imports torch and transformers first
-        while time.monotonic() < deadline:
+        health = None
+        while health is None and time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if _get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
+                health = _get(f"http://127.0.0.1:{port}/health").json()
             assert process.poll() is None, process.stdout.read() if process.stdout else ""
             time.sleep(0.1)
+        assert health is not None and health["threads"] == 1  # --threads set torch's intra-op thread count
         answer = _post(f"http://127.0.0.1:{port}/v1/completions",
                             json={"model": "ad2", "prompt": "the cat", "max_tokens": 3}).json()
         assert answer["choices"][0]["finish_reason"] in ("stop", "length")

@@ -8,32 +8,39 @@ Endpoints (JSON in and out; every error is ``{"error": {"message", "type", "code
 * ``POST /v1/adapters``    -- ``{"name": N}`` loads ``<adapters dir>/N``; ``DELETE /v1/adapters/N`` unloads it
 * ``GET /health``, ``GET /metrics`` (Prometheus text)
 
-Status codes: 400 malformed JSON, wrong fields or an invalid adapter name; 404 unknown adapter; 413 a body over
-``max_body_bytes``, an input over ``max_input_tokens`` tokens, or more than ``max_batch`` inputs in one request;
-503 the queue is full; 504 the request's rows did not finish within ``timeout_s``.
+Status codes: 400 malformed JSON, a field of the wrong type or value, an invalid adapter name or a bad adapter
+folder; 404 an unknown adapter or a missing adapter folder; 409 an adapter name that is loaded already; 413 a body
+over ``max_body_bytes``, an input over ``max_input_tokens`` tokens, or more inputs in one request than ``max_batch``
+or ``max_queue`` allow (it could never run); 503 the queue is full for now (with ``Retry-After``); 504 the request's
+rows did not finish within ``timeout_s``; 500 only for a fault of the server's own, logged with its traceback.
+Every answer, errors included, is counted in /metrics and keeps the connection open (but a 413 cut short while the
+body streams: the rest of it is never read).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapterkit.core.errors import AdapterKitError
-from adapterkit.serve.batcher import Batcher, QueueFullError
+from adapterkit.serve.batcher import Batcher, QueueFullError, TooManyRowsError
+from adapterkit.serve.guard import Guard, error_body
 from adapterkit.serve.metrics import Metrics
+from adapterkit.serve.requests import ApiError, ClassifyRequest, CompletionRequest, LoadRequest, parse
 from adapterkit.serve.runners import Row
-from adapterkit.serve.store import BASE_NAME, AdapterStore, UnknownAdapterError, check_name
+from adapterkit.serve.store import BASE_NAME, AdapterStore, AlreadyLoadedError, NotFoundError, check_name
+
+RETRY_AFTER_S = 1  # what a 503 asks the client to wait: a batch takes milliseconds to a few seconds
 
 
 @dataclass(frozen=True)
@@ -47,42 +54,6 @@ class ServeConfig:
     max_input_tokens: int = 512  # per prompt / input text; more answers 413
     max_tokens: int = 256  # largest ``max_tokens`` a completion may ask for
     max_body_bytes: int = 1 << 20  # request body; more answers 413
-
-
-class ApiError(Exception):
-    """An error answer: HTTP status, one-line message, OpenAI-style type."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-class CompletionRequest(BaseModel):
-    """The OpenAI completions fields this server honours; others are refused, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    prompt: str | list[str]
-    max_tokens: int | None = Field(default=None, ge=1, description="default: 16, or the server's limit if lower")
-    temperature: float | None = Field(default=None, description="only 0 (greedy) is served")
-    n: int = Field(default=1, ge=1, le=1)
-    stream: bool = False
-    user: str | None = None
-
-
-class ClassifyRequest(BaseModel):
-    """One text or a list of texts, classified with adapter ``model`` and its head."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    input: str | list[str]
-
-
-class LoadRequest(BaseModel):
-    """Load ``<adapters dir>/<name>``."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
 
 
 def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConfig(),
@@ -104,38 +75,29 @@ def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConf
 
     app = FastAPI(title="adapterkit serve", lifespan=lifespan)
     app.state.batcher, app.state.store, app.state.runner, app.state.metrics = batcher, store, runner, metrics
-
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Any:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")  # the route's pattern: bounded label values
-        metrics.request(endpoint, response.status_code, time.perf_counter() - start)
-        return response
+    app.add_middleware(Guard, metrics=metrics)  # counts every answer; unexpected exceptions become a logged 500
 
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.kind)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return _error(exc.status, exc.message, exc.kind, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
-                      "invalid_request_error")
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (404, 405):  # a route this server does not have (chat, say): name it
+            where = f"{request.method} {request.url.path}"
+            return _error(exc.status_code, f"{where}: {'no such endpoint' if exc.status_code == 404 else exc.detail}",
+                          "not_found_error" if exc.status_code == 404 else "invalid_request_error")
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
 
     @app.exception_handler(AdapterKitError)
-    async def library_error(request: Request, exc: AdapterKitError) -> JSONResponse:
+    async def library_error(request: Request, exc: AdapterKitError) -> Response:
         return _error(*_status_of(exc))
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, exc: Exception) -> JSONResponse:
-        first = (str(exc).splitlines() or [""])[0]
-        return _error(500, f"internal error: {type(exc).__name__}: {first}", "server_error")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "task": runner.kind, "adapters_loaded": len(store.entries),
-                "adapters_resident": len(store.resident), "queue_depth": batcher.depth}
+                "adapters_resident": len(store.resident), "queue_depth": batcher.depth,
+                "threads": torch.get_num_threads()}
 
     @app.get("/metrics")
     async def metrics_text() -> PlainTextResponse:
@@ -151,7 +113,7 @@ def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConf
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request) -> dict[str, Any]:
-        body = await _parse(request, LoadRequest, config)
+        body = await parse(request, LoadRequest, config.max_body_bytes)
         # reading and attaching touch the model: done on the batch thread's lock, off the event loop
         entry = await asyncio.to_thread(store.add, check_name(body.name))
         return {"loaded": entry.name, "adapters": len(store.entries)}
@@ -165,10 +127,10 @@ def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConf
     async def completions(request: Request) -> dict[str, Any]:
         if runner.kind != "completions":
             raise ApiError(400, "this server runs a classification model: use POST /v1/classify")
-        body = await _parse(request, CompletionRequest, config)
+        body = await parse(request, CompletionRequest, config.max_body_bytes)
         if body.stream:
             raise ApiError(400, "stream: streaming is not supported; send stream=false")
-        if body.temperature not in (None, 0, 0.0):
+        if body.temperature not in (None, 0.0):
             raise ApiError(400, f"temperature: only greedy decoding (0) is served, got {body.temperature}")
         max_tokens = body.max_tokens if body.max_tokens is not None else min(16, config.max_tokens)
         if max_tokens > config.max_tokens:
@@ -195,7 +157,7 @@ def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConf
     async def classify(request: Request) -> dict[str, Any]:
         if runner.kind != "classify":
             raise ApiError(400, "this server runs a causal LM: use POST /v1/completions")
-        body = await _parse(request, ClassifyRequest, config)
+        body = await parse(request, ClassifyRequest, config.max_body_bytes)
         adapter = _adapter(body.model, store)
         texts = [body.input] if isinstance(body.input, str) else body.input
         rows = []
@@ -212,39 +174,25 @@ def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConf
     return app
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> Response:
+    if status == 503:  # busy for now: when to come back (the OpenAI client waits that long before it retries)
+        headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
+    if status == 409:  # the OpenAI client retries a 409 (a lock timeout, to it) unless told not to
+        headers = {"x-should-retry": "false", **(headers or {})}
+    return Response(error_body(status, message, kind), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 def _status_of(exc: AdapterKitError) -> tuple[int, str, str]:
-    if isinstance(exc, UnknownAdapterError):
+    if isinstance(exc, NotFoundError):
         return 404, str(exc), "not_found_error"
+    if isinstance(exc, AlreadyLoadedError):
+        return 409, str(exc), "conflict_error"
+    if isinstance(exc, TooManyRowsError):
+        return 413, str(exc), "invalid_request_error"
     if isinstance(exc, QueueFullError):
         return 503, str(exc), "server_busy"
     return 400, str(exc), "invalid_request_error"  # bad names, unreadable adapter folders, bad options
-
-
-async def _parse(request: Request, model: type[BaseModel], config: ServeConfig) -> Any:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
-        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {config.max_body_bytes}")
-    raw = await request.body()
-    if len(raw) > config.max_body_bytes:
-        raise ApiError(413, f"request body of {len(raw)} bytes exceeds the limit of {config.max_body_bytes}")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise ApiError(400, f"malformed JSON body: {reason}{where}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ApiError(400, f"{field}: {first['msg']} ({exc.error_count()} error(s) in the body)") from None
 
 
 def _adapter(name: str, store: AdapterStore) -> str | None:
@@ -259,6 +207,9 @@ def _bounded(items: list[str], what: str, config: ServeConfig) -> list[str]:
         raise ApiError(400, f"{what}: empty list")
     if len(items) > config.max_batch:
         raise ApiError(413, f"{what}: {len(items)} items in one request; at most {config.max_batch}")
+    if len(items) > config.max_queue:  # it could never be queued whole: a 503 would ask for retries forever
+        raise ApiError(413, f"{what}: {len(items)} items in one request; the queue holds at most "
+                            f"{config.max_queue} rows")
     return items
 
 

@@ -1,11 +1,12 @@
 """Dynamic batching: rows from concurrent requests, whatever their adapters, run through the model together.
 
-Requests put rows in a bounded queue (full: QueueFullError, answered 503). One asyncio task forms batches: it takes
-the oldest row, then keeps taking rows until the batch holds ``max_batch`` rows or the oldest row has waited
-``max_wait_s``; a row whose adapter would make the batch need more adapters than can be resident waits for the next
-batch. Each batch runs in one worker thread, so the event loop keeps accepting requests meanwhile, and the model
-is only ever driven by that one thread. A request that gives up (its timeout) cancels its rows: rows not yet
-started are skipped, results of rows already running are dropped.
+Requests put rows in a bounded queue (full: QueueFullError, answered 503; more rows than it can ever hold:
+TooManyRowsError, answered 413). One asyncio task forms batches: it takes the oldest row, then keeps taking rows
+until the batch holds ``max_batch`` rows or the oldest row has waited ``max_wait_s``; a row whose adapter would
+make the batch need more adapters than can be resident waits for the next batch. Each batch runs in one worker
+thread, so the event loop keeps accepting requests meanwhile, and the model is only ever driven by that one thread.
+A request that gives up (its timeout) cancels its rows: rows not yet started are skipped, results of rows already
+running are dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from adapterkit.core.errors import AdapterKitError
 
 
 class QueueFullError(AdapterKitError):
-    """The queue holds ``max_queue`` rows already (answered 503)."""
+    """The queue holds too many rows for now (answered 503, with Retry-After)."""
+
+
+class TooManyRowsError(AdapterKitError):
+    """A request with more rows than the queue can ever hold (answered 413: retrying cannot help)."""
 
 
 @dataclass
@@ -87,6 +92,8 @@ class Batcher:
         """Queue all ``rows`` ((adapter, row) pairs) or none of them; one future per row."""
         if self._ready is None:
             raise AdapterKitError("the batcher is not running")
+        if len(rows) > self.max_queue:
+            raise TooManyRowsError(f"{len(rows)} rows in one request; the queue holds at most {self.max_queue}")
         if self.depth + len(rows) > self.max_queue:
             raise QueueFullError(f"server busy: the queue holds {self.depth} of {self.max_queue} rows; retry later")
         loop = asyncio.get_running_loop()

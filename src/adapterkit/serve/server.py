@@ -111,10 +111,11 @@ def serve(model_dir: str, adapters_dir: str | None, host: str = "127.0.0.1", por
           threads: int | None = None) -> None:
     """Build the app and serve it in the foreground until interrupted.
 
-    ``threads`` sets torch's intra-op thread count (None: torch's default, one per core). On a machine whose cores
-    other processes also use, fewer threads than cores can be much faster: an intra-op parallel region waits for
-    its slowest thread, and a thread that lost its core to another process holds every region up for a scheduler
-    time slice.
+    ``threads`` sets torch's intra-op thread count (None: torch's default, one per core). On cores that other
+    processes also use, fewer threads can be much faster: the threads of a parallel region spin-wait for each other
+    (OpenMP's default policy), so while another process holds a core every region waits on a descheduled thread.
+    Measured on 2 shared cores, a tiny Llama's 4-token greedy generation: 4.3 ms with 1 thread, 48 ms with 2 while
+    another process used about one core, 4.0 ms with 2 once OMP_WAIT_POLICY=PASSIVE was set (quiet: 3.9 / 4.0 ms).
     """
     import uvicorn
 
