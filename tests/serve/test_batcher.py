@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from adapterkit.serve.batcher import Batcher, QueueFullError
+from adapterkit.serve.batcher import Batcher, QueueFullError, TooManyRowsError
 
 
 def _recording():
@@ -88,3 +88,21 @@ def test_queue_bound_cancelled_rows_and_failures() -> None:
 
     asyncio.run(go())
     assert seen == [["first"], ["boom"], ["late"]]
+
+
+def test_more_rows_than_the_queue_can_ever_hold_is_its_own_error() -> None:
+    """A request larger than the whole queue can never be queued: TooManyRowsError (413), not a 'retry later'
+    QueueFullError (503); the rows that fit are still taken."""
+    run, batches = _recording()
+
+    async def go() -> list[str]:
+        batcher = Batcher(run, max_batch=8, max_wait_s=0, max_queue=3)
+        await batcher.start()
+        with pytest.raises(TooManyRowsError, match="4 rows in one request; the queue holds at most 3"):
+            batcher.submit([("a", ("a", i)) for i in range(4)])
+        assert batcher.depth == 0  # all or nothing
+        results = await asyncio.gather(*batcher.submit([("a", ("a", i)) for i in range(3)]))
+        await batcher.stop()
+        return results
+
+    assert asyncio.run(go()) == ["a:0", "a:1", "a:2"]
