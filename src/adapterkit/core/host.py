@@ -36,6 +36,8 @@ class Host(nn.Module):
         self.fingerprint = fingerprint
         self._has_inputs = False  # lets the pre-hook return at once in the common case
         self.select_cache: dict[str, Any] = {}  # stacked weights for Select, reused while they are unchanged
+        # the setups of the last forward with and without grad mode, for activation checkpointing (see _setup)
+        self._last_setup: dict[bool, Setup | None] = {True: None, False: None}
         self._inplace = supports_inplace_delta(base)
         self._handles: list[RemovableHandle] = [
             base.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
@@ -115,10 +117,26 @@ class Host(nn.Module):
         chosen = self.active if names is None else names
         return [self._modules[n] for n in chosen if n in self._modules and n not in self.merged]
 
+    def _setup(self) -> Setup | None:
+        """This call's setup. Activation checkpointing runs a layer's forward again inside backward, which often
+        comes after the ``use`` block has closed (a Trainer calls backward outside the loss code); such a recompute
+        must run what the forward ran. So a host called inside backward and outside any block takes the setup of
+        its last forward: the last one under no_grad for reentrant checkpointing (whose forward runs without grad),
+        else the last one with grad. (Two such forwards under different setups before one backward would recompute
+        the first with the second's setup: run backward inside the block then.)"""
+        setup = setup_for(self)
+        if torch._C._current_graph_task_id() == -1:  # not inside a backward pass: an ordinary forward
+            self._last_setup[torch.is_grad_enabled()] = setup
+            return setup
+        if setup is not None:
+            return setup
+        node = getattr(torch._C, "_current_autograd_node", lambda: None)()
+        return self._last_setup[type(node).__name__ != "CheckpointFunctionBackward"]
+
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self._has_inputs or not args:
             return None
-        new = run_inputs(self, setup_for(self), args[0])
+        new = run_inputs(self, self._setup(), args[0])
         return None if new is args[0] else ((new, *args[1:]), kwargs)
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -126,7 +144,7 @@ class Host(nn.Module):
         # modules such as attention blocks return (hidden, extras...): adapters act on the first element
         hidden = output[0] if isinstance(output, tuple) else output
         inplace = self._inplace and hidden is output and inplace_allowed()
-        new = run_outputs(self, setup_for(self), x, hidden, inplace)
+        new = run_outputs(self, self._setup(), x, hidden, inplace)
         if new is None:
             return None
         return (new, *output[1:]) if isinstance(output, tuple) else new
