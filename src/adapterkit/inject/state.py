@@ -194,7 +194,7 @@ def _check_base(record: dict[str, Any], modules: dict[str, nn.Module], strict_ba
             raise StateError(f"{where}: the fingerprint of {mpath} in {RECORD} is malformed ({exc})") from None
         if not same:
             raise StateError(f"{where}: {mpath} weights differ from the base model the adapter was trained on "
-                             "(another checkpoint?); pass strict_base=False to load anyway")
+                             "(another checkpoint?); to load it anyway, ak.load(..., strict_base=False)")
 
 
 def _check_same_adapter(model: nn.Module, name: str, spec: Any, record: dict[str, Any], where: str) -> None:

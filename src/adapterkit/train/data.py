@@ -93,8 +93,8 @@ def read_table(path: str | Path, text_col: str, label_col: str, pair_col: str | 
         for column in wanted:
             if row.values.get(column) is None:
                 columns = ", ".join(row.values)
-                raise DataError(f"{path}:{row.line}: no column {column!r} (columns: {columns}); "
-                                "choose with --text-column / --label-column")
+                option = {text_col: "--text-column", label_col: "--label-column", pair_col: "--pair-column"}[column]
+                raise DataError(f"{path}:{row.line}: no column {column!r} (columns: {columns}); choose with {option}")
     raw = [row.values[label_col].strip() for row in rows]
     for row, value in zip(rows, raw):
         if not value:
