@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
 import textwrap
 import time
 import warnings
+from typing import Literal
 
 import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.core.spec import AdapterSpec, require
 from tests.conftest import logits, make_tiny, randomize, tokens
 
 
@@ -40,6 +44,51 @@ def test_rank_must_be_positive(rank) -> None:
     with pytest.raises(ak.SpecError) as exc:
         ak.LoRA(r=rank)
     assert "rank" in one_line(exc)
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: ak.LoRA(alpha="x"), "alpha"), (lambda: ak.LoRA(r=True), "r"), (lambda: ak.LoRA(r=2.0), "r"),
+    (lambda: ak.LoRA(dropout=True), "dropout"), (lambda: ak.DoRA(scaling=3), "scaling"),
+    (lambda: ak.XLoRA(hidden_size=32, top_k="2"), "top_k"), (lambda: ak.LowBit(base=3), "base"),
+], ids=["float-str", "int-bool", "int-float", "float-bool", "str-int", "optional", "nested-spec"])
+def test_spec_fields_are_checked_against_their_annotations(make, field) -> None:
+    with pytest.raises(ak.SpecError) as exc:
+        make()
+    assert f"field {field} must be" in one_line(exc)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes(AdapterSpec):
+    """A spec with every annotation form the base class checks."""
+
+    kind: Literal["a", "b"] = "a"
+    sizes: tuple[int, ...] = (1,)
+    pair: tuple[int, float] = (1, 2.0)
+    limit: float | None = None
+
+    def __post_init__(self) -> None:  # compares: a TypeError without the type check that runs first
+        require(self.limit is None or self.limit > 0, "shapes: limit must be > 0")
+
+
+@pytest.mark.parametrize("fields,wanted", [
+    ({"kind": "c"}, "kind must be one of ('a', 'b')"), ({"sizes": (1, "x")}, "sizes must be a tuple of an int"),
+    ({"pair": (1,)}, "pair must be a tuple (an int, a number)"), ({"limit": "x"}, "limit must be a number or None"),
+    ({"sizes": 3}, "sizes must be a tuple"), ({"kind": None}, "kind must be one of"),
+])
+def test_every_annotation_form_is_checked(fields, wanted) -> None:
+    with pytest.raises(ak.SpecError) as exc:
+        Shapes(**fields)
+    assert one_line(exc).startswith(f"Shapes: field {wanted}")
+
+
+def test_good_values_pass_and_lists_become_tuples() -> None:
+    spec = Shapes(kind="b", sizes=[2, 3], pair=[4, 5], limit=1)  # an int is a fine float
+    assert spec.sizes == (2, 3) and spec.pair == (4, 5) and hash(spec)
+    assert ak.LoRA(alpha=16) == ak.LoRA(alpha=16.0)
+    assert ak.spec_from_dict(ak.LowBit(base=ak.LoRA(r=2)).to_dict()) == ak.LowBit(base=ak.LoRA(r=2))
+    with pytest.raises(ak.SpecError) as exc:
+        ak.spec_from_dict({"method": "lora", "r": "2"}, where="saved/adapter.json")
+    assert one_line(exc).startswith("saved/adapter.json: lora: field r must be an int")
 
 
 def test_rank_larger_than_the_layer_allows() -> None:
@@ -138,6 +187,55 @@ def test_newer_format_version_and_bad_json(tmp_path) -> None:
         ak.load(make_tiny("bert"), tmp_path / "ad")
     with pytest.raises(ak.StateError, match="no adapter.json"):
         ak.load(make_tiny("bert"), tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("damage,wanted", [
+    (lambda r: r.pop("name"), "missing key 'name'"),
+    (lambda r: r["fingerprint"].pop(r["targets"][1]), "fingerprint has no entry for target"),
+    (lambda r: r["spec"].update(method=7), "spec.method must be a method name"),
+    (lambda r: r.update(targets="query"), "targets must be a non-empty list"),
+    (lambda r: r.update(modules=[3]), "modules must be a list of module paths"),
+    (lambda r: r.update(weights_sha256=None), "weights_sha256 must be 64 lowercase hex digits"),
+    (lambda r: r.update(format_version="1"), "format_version must be an integer"),
+    (lambda r: r["fingerprint"].update({r["targets"][0]: [1]}), "must be a JSON object, got array"),
+], ids=["no-name", "fingerprint-target", "method-type", "targets-str", "modules-int", "sha-null", "version-str",
+        "fingerprint-entry"])
+def test_record_keys_of_the_wrong_type_are_one_line_errors(damage, wanted, tmp_path) -> None:
+    _saved(tmp_path)
+    path = tmp_path / "ad" / "adapter.json"
+    record = json.loads(path.read_text())
+    damage(record)
+    path.write_text(json.dumps(record))
+    with pytest.raises(ak.StateError) as exc:
+        ak.load(make_tiny("bert"), tmp_path / "ad")
+    assert one_line(exc).startswith(f"{path}: ") and wanted in one_line(exc)
+
+
+def test_a_record_that_is_a_json_list(tmp_path) -> None:
+    _saved(tmp_path)
+    (tmp_path / "ad" / "adapter.json").write_text("[1, 2]")
+    with pytest.raises(ak.StateError) as exc:
+        ak.load(make_tiny("bert"), tmp_path / "ad")
+    assert "adapter.json: must hold a JSON object, got a JSON array" in one_line(exc)
+
+
+@pytest.mark.parametrize("where", ["../elsewhere/{}", "{abs}", "sub/{}", "..", ""])
+def test_a_record_never_makes_us_read_outside_its_folder(where, tmp_path) -> None:
+    """The weights named are a valid copy (right sha256) outside the folder: refused by name, never read."""
+    _saved(tmp_path)
+    path = tmp_path / "ad" / "adapter.json"
+    record = json.loads(path.read_text())
+    for folder in (tmp_path / "elsewhere", tmp_path / "ad" / "sub"):
+        folder.mkdir()
+        (folder / record["weights"]).write_bytes((tmp_path / "ad" / record["weights"]).read_bytes())
+    (tmp_path / "ad" / record["weights"]).unlink()
+    outside = str(tmp_path / "elsewhere" / record["weights"])
+    path.write_text(json.dumps({**record, "weights": where.format(record["weights"], abs=outside)}))
+    with pytest.raises(ak.StateError) as exc:
+        ak.load(make_tiny("bert"), tmp_path / "ad")
+    assert "weights must be a plain file name in this folder" in one_line(exc)
+    assert hashlib.sha256((tmp_path / "elsewhere" / record["weights"]).read_bytes()).hexdigest() == \
+        record["weights_sha256"]  # it would have loaded, had we followed the path
 
 
 def test_unknown_adapter_names_in_api_calls() -> None:
