@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import adapterkit as ak
+from adapterkit.inject.engine import placements
 from adapterkit.interop.peft_format import export_peft, import_peft
 from tests.conftest import logits, make_tiny, randomize, tokens
 
@@ -51,6 +54,65 @@ def test_import_a_checkpoint_peft_wrote(tmp_path) -> None:
     ours = copy.deepcopy(base)
     assert import_peft(ours, tmp_path / "p") == "default"
     torch.testing.assert_close(logits(ours, tokens()), logits(theirs.eval(), tokens()), atol=1e-5, rtol=1e-5)
+
+
+PATTERNS = [  # peft's own matching: a regex on the module path's tail, the first key that matches wins
+    ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                   rank_pattern={"layers.0.self_attn.q_proj": 2, "v_proj": 6, "embed_tokens": 3},
+                   alpha_pattern={r"layers\.1\..*": 5, "down_proj": 12})),
+    ("gpt2", dict(r=2, lora_alpha=4, target_modules=["c_attn"], use_rslora=True, rank_pattern={"h.1.attn.c_attn": 4},
+                  fan_in_fan_out=True)),
+    ("bert", dict(r=2, lora_alpha=4, target_modules=["query", "value"], use_dora=True, modules_to_save=["classifier"],
+                  rank_pattern={"value": 3}, alpha_pattern={"layer.0.attention.self.query": 7})),
+]
+
+
+@pytest.mark.parametrize("kind,options", PATTERNS, ids=[c[0] for c in PATTERNS])
+def test_rank_and_alpha_patterns_peft_wrote_import_and_export_with_identical_outputs(kind, options, tmp_path) -> None:
+    base = make_tiny(kind)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**options))
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    theirs.save_pretrained(tmp_path / "p")
+    # What peft computes from the folder: it writes the patterns with sorted keys, so where two overlap (llama's
+    # layers.1 down_proj) its reload, like our import, takes the first in the file, not the first it was given.
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
+    ours = copy.deepcopy(base)
+    import_peft(ours, tmp_path / "p", name="a")
+    ranks = {spec.r for spec in (host.adapter("a").spec for _, _, host in placements(ours, "a"))}
+    assert len(ranks) > 1  # the patterns gave modules their own ranks
+    ids = tokens()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=1e-5, rtol=1e-5)
+
+    export_peft(ours, "a", tmp_path / "back", modules=tuple(options.get("modules_to_save") or ()))
+    config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and set(config["rank_pattern"].values()) <= ranks
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
+    torch.testing.assert_close(logits(again, ids), logits(theirs, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_missing_or_misshapen_peft_tensor_is_a_one_line_error_and_changes_nothing(tmp_path) -> None:
+    base = make_tiny("bert")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["query"],
+                                                                      modules_to_save=["classifier"]))
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    theirs.save_pretrained(tmp_path / "p")
+    weights = tmp_path / "p" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.bert.encoder.layer.1.attention.self.query.lora_B.weight"
+    for damaged, wanted in (({k: v for k, v in tensors.items() if k != key}, "lora_B.weight is missing"),
+                            ({**tensors, key: torch.zeros(32, 3)}, "has shape (32, 3), expected (32, 2)")):
+        save_file(damaged, weights)
+        model = copy.deepcopy(base)
+        with pytest.raises(ak.StateError) as exc:
+            import_peft(model, tmp_path / "p")
+        message = str(exc.value)
+        assert "\n" not in message and message.startswith(str(weights)) and wanted in message
+        assert ak.adapters(model) == []
+        assert torch.equal(model.classifier.weight, base.classifier.weight)  # the head was not copied either
 
 
 def test_formats_peft_cannot_hold(tmp_path) -> None:
