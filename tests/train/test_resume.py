@@ -3,19 +3,23 @@ gradient accumulation gives the same updates as one batch."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import adapterkit as ak
 from adapterkit.cli.main import main
+from adapterkit.train.checkpoint import KEY, load_checkpoint, save_checkpoint
 from adapterkit.train.data import read_table, shipped_sst2
 from adapterkit.train.loop import TrainConfig, run_training
 
@@ -170,3 +174,92 @@ def test_fsdp_with_checkpoints_is_a_clear_error(tiny_model_dir, data, tmp_path, 
 
     monkeypatch.setattr(Parallel, "sharded", property(lambda self: True))
     assert main(_args(tiny_model_dir, data, tmp_path / "f", "--parallel", "fsdp")) == 2
+
+
+def _run_parts(seed: int = 0):
+    """A small model with a frozen layer, AdamW and a LambdaLR: the pieces a checkpoint holds."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (s + 1))
+
+
+def _trained_checkpoint(path: Path) -> None:
+    model, optimizer, scheduler = _run_parts()
+    for _ in range(2):
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    progress = {"step": 2, "epoch": 1, "batch": 2, "seconds": 0.1,
+                "history": {"step": [1, 2], "loss": [0.5, 0.4], "epoch": [], "epoch_step": [], "dev_accuracy": []}}
+    save_checkpoint(path, model, optimizer, scheduler, progress, torch.Generator().manual_seed(4).get_state())
+
+
+class FakeCuda:
+    """torch.cuda's RNG calls on a machine with ``count`` devices, recording what is restored."""
+
+    def __init__(self, monkeypatch, count: int) -> None:
+        self.restored: list[torch.Tensor] | None = None
+        self.states = [torch.arange(16, dtype=torch.uint8) + i for i in range(count)]
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in self.states])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: setattr(self, "restored", list(states)))
+
+
+def test_cuda_random_states_are_saved_and_restored(tmp_path, monkeypatch) -> None:
+    saved = FakeCuda(monkeypatch, 2)
+    _trained_checkpoint(tmp_path / "c.safetensors")
+    with safe_open(tmp_path / "c.safetensors", "pt") as handle:
+        assert json.loads(handle.metadata()[KEY])["cuda_rng_devices"] == 2
+        assert torch.equal(handle.get_tensor("rng.cuda.1"), saved.states[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(tmp_path / "c.safetensors", *_run_parts(1))
+    assert saved.restored is not None and all(map(torch.equal, saved.restored, saved.states))
+    for count in (1, 0):  # another machine: what can be restored is, and the resume says it is not exact
+        here = FakeCuda(monkeypatch, count)
+        with pytest.warns(UserWarning, match="CUDA random states for 2 devices, this machine has " + str(count)):
+            load_checkpoint(tmp_path / "c.safetensors", *_run_parts(1))
+        assert (here.restored is None) if count == 0 else torch.equal(here.restored[0], saved.states[0])
+
+
+def test_a_cpu_checkpoint_holds_no_cuda_state_and_restores_the_cpu_stream(tmp_path, monkeypatch) -> None:
+    FakeCuda(monkeypatch, 0)
+    _trained_checkpoint(tmp_path / "c.safetensors")
+    expected = torch.rand(3)  # the stream as the checkpoint saved it
+    assert not [k for k in load_file(tmp_path / "c.safetensors") if k.startswith("rng.cuda")]
+    torch.manual_seed(99)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(tmp_path / "c.safetensors", *_run_parts(1))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def _rewrite_meta(path: Path, edit) -> None:
+    """Change the checkpoint's JSON header as a buggy writer would (no digest: only the key checks can catch it)."""
+    with safe_open(path, "pt") as handle:
+        meta = json.loads(handle.metadata()[KEY])
+    tensors = load_file(path)
+    save_file(tensors, path, metadata={KEY: json.dumps(edit(meta))})
+
+
+@pytest.mark.parametrize("edit,wanted", [
+    (lambda m: [m], "header must be a JSON object"),
+    (lambda m: {k: v for k, v in m.items() if k != "scheduler"}, "scheduler must be a JSON object"),
+    (lambda m: {**m, "format_version": "2"}, "format_version must be an integer"),
+    (lambda m: {**m, "progress": {**m["progress"], "step": "3"}}, "progress.step must be a count"),
+    (lambda m: {**m, "param_groups": m["param_groups"] * 2}, "groups [2, 2] in the checkpoint, [2] in this"),
+    (lambda m: {**m, "scheduler": {**m["scheduler"], "last_epoch": "x"}}, "scheduler.last_epoch must be like"),
+], ids=["list", "no-scheduler", "version-str", "step-str", "two-groups", "scheduler-type"])
+def test_checkpoint_metadata_of_the_wrong_shape_is_a_one_line_error(edit, wanted, tmp_path) -> None:
+    path = tmp_path / "c.safetensors"
+    _trained_checkpoint(path)
+    _rewrite_meta(path, edit)
+    model, optimizer, scheduler = _run_parts(1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ak.StateError) as exc:
+        load_checkpoint(path, model, optimizer, scheduler)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith(f"{path}: ") and wanted in str(exc.value)
+    assert all(map(torch.equal, before, model.parameters())) and not optimizer.state  # nothing was restored
