@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from adapterkit.core.errors import AdapterKitError, StateError
+from adapterkit.core.errors import AdapterKitError, StateError, TargetError
 from adapterkit.core.files import atomic_write
 from adapterkit.core.host import HOST_ATTR, Host, host_of
 from adapterkit.core.protocol import Packed, Resizable
@@ -158,7 +158,10 @@ def attach_saved(model: nn.Module, record: dict[str, Any], tensors: dict[str, to
         _check_same_adapter(model, name, spec, record, where)
         _copy_tensors(modules, name, record, tensors, where)
         return name
-    attach_at(model, name, spec, record["targets"], fresh_init=False, modules=modules)
+    try:
+        attach_at(model, name, spec, record["targets"], fresh_init=False, modules=modules)
+    except TargetError as exc:  # the saved spec cannot adapt a saved target (e.g. a rank the record misstates)
+        raise StateError(f"{Path(where) / RECORD}: {exc}") from None
     try:
         _copy_tensors(modules, name, record, tensors, where)
     except BaseException:
