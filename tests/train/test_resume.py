@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import adapterkit as ak
 from adapterkit.cli.main import main
-from adapterkit.train.checkpoint import KEY, load_checkpoint, save_checkpoint
+from adapterkit.train.checkpoint import DIGEST, KEY, header_digest, load_checkpoint, save_checkpoint
 from adapterkit.train.data import read_table, shipped_sst2
 from adapterkit.train.loop import TrainConfig, run_training
 
@@ -238,11 +238,12 @@ def test_a_cpu_checkpoint_holds_no_cuda_state_and_restores_the_cpu_stream(tmp_pa
 
 
 def _rewrite_meta(path: Path, edit) -> None:
-    """Change the checkpoint's JSON header as a buggy writer would (no digest: only the key checks can catch it)."""
+    """Change the checkpoint's JSON header and re-sign it, as a buggy writer would: only the key checks can tell."""
     with safe_open(path, "pt") as handle:
         meta = json.loads(handle.metadata()[KEY])
     tensors = load_file(path)
-    save_file(tensors, path, metadata={KEY: json.dumps(edit(meta))})
+    text = json.dumps(edit(meta))
+    save_file(tensors, path, metadata={KEY: text, DIGEST: header_digest(text, tensors)})
 
 
 @pytest.mark.parametrize("edit,wanted", [

@@ -201,7 +201,7 @@ def _check_config(cfg: Path, config: Any) -> None:
         expect(key, config.get(key) is None or isinstance(config.get(key), bool), "true or false")
     for key, check, wanted in (("rank_pattern", _positive_int, "positive integers"),
                                ("alpha_pattern", _number, "numbers")):
-        pattern = config.get(key) or {}
+        pattern = {} if config.get(key) is None else config[key]
         expect(key, isinstance(pattern, dict) and all(map(check, pattern.values())), f"an object of {wanted}")
         for regex in pattern:
             try:

@@ -27,7 +27,7 @@ from adapterkit.core.errors import StateError
 from adapterkit.core.files import atomic_write
 from adapterkit.inject.record import tensors_sha256
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header holds a sha256 (DIGEST), which version 1 files lack
 KEY = "adapterkit_checkpoint"
 DIGEST = f"{KEY}_sha256"
 # The progress record run_training keeps (train/loop.py): what it reads back after a resume.
@@ -64,7 +64,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         "scheduler": scheduler.state_dict(),
         "cuda_rng_devices": len(cuda_states),
     })
-    atomic_write(path, save_bytes(tensors, metadata={KEY: meta, DIGEST: _digest(meta, tensors)}))
+    atomic_write(path, save_bytes(tensors, metadata={KEY: meta, DIGEST: header_digest(meta, tensors)}))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -113,13 +113,15 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     metadata = header.get("__metadata__") or {}
     if KEY not in metadata:
         raise StateError(f"{path}: not an adapterkit checkpoint (no {KEY!r} entry in its header)")
-    if DIGEST in metadata and metadata[DIGEST] != _digest(metadata[KEY], tensors):
+    if DIGEST in metadata and metadata[DIGEST] != header_digest(metadata[KEY], tensors):
         raise StateError(f"{path}: contents do not match the sha256 in its header (truncated or corrupted file)")
     try:
         meta = json.loads(metadata[KEY])
     except (ValueError, RecursionError) as exc:
         raise StateError(f"{path}: checkpoint header holds invalid JSON ({exc})") from None
     _check_meta(path, meta)
+    if DIGEST not in metadata and meta["format_version"] >= 2:
+        raise StateError(f"{path}: no {DIGEST!r} entry in its header (corrupted, or not written by adapterkit)")
     for key in ("rng.torch", "rng.data", *(f"rng.cuda.{i}" for i in range(meta.get("cuda_rng_devices", 0)))):
         state = tensors.get(key)
         size = state.numel() if key.startswith("rng.cuda.") and state is not None else torch.get_rng_state().numel()
@@ -141,6 +143,7 @@ def _check_meta(path: Path, meta: Any) -> None:
     expect("format_version", version, _is_int(version), "an integer")
     if version > FORMAT_VERSION:
         raise StateError(f"{path}: checkpoint format {version} is newer than this adapterkit reads ({FORMAT_VERSION})")
+    expect("format_version", version, version >= 1, "at least 1")
     for key in ("progress", "optimizer_scalars", "scheduler"):
         expect(key, meta.get(key), isinstance(meta.get(key), dict), "a JSON object")
     expect("param_groups", meta.get("param_groups"), isinstance(meta.get("param_groups"), list), "a JSON array")
@@ -227,7 +230,8 @@ def _restore_cuda_rng(path: Path, states: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(states[:here])
 
 
-def _digest(meta: str, tensors: dict[str, torch.Tensor]) -> str:
+def header_digest(meta: str, tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 a checkpoint's header holds: over its JSON and every tensor (name, dtype, shape, bytes)."""
     return hashlib.sha256(f"{meta}\n{tensors_sha256(tensors)}".encode()).hexdigest()
 
 
