@@ -148,3 +148,28 @@ def test_load_walks_the_module_tree_twice(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(torch.nn.Module, "named_modules", counted)
     ak.load(fresh, tmp_path / "ad")
     assert len(walks) <= 2  # c50f2e0 walked it 9 times
+
+
+def test_a_bad_saved_module_changes_no_module_of_the_model(tmp_path) -> None:
+    import hashlib
+
+    from safetensors.torch import load as load_bytes
+    from safetensors.torch import save as save_bytes
+
+    model = _trained()
+    ak.save(model, tmp_path / "ad", modules=("classifier", "pooler"))
+    file = tmp_path / "ad" / "adapter.json"
+    record = json.loads(file.read_text())
+    weights = tmp_path / "ad" / record["weights"]
+    tensors = load_bytes(weights.read_bytes())
+    del tensors["module.bert.pooler.dense.bias"]  # the second module is incomplete, the first is fine
+    blob = save_bytes(tensors)
+    weights.write_bytes(blob)
+    record["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    file.write_text(json.dumps(record))
+    fresh = make_tiny("bert")
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(StateError, match="module bert.pooler: missing tensors"):
+        ak.load(fresh, tmp_path / "ad")
+    after = fresh.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

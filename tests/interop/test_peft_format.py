@@ -86,6 +86,12 @@ def test_rank_and_alpha_patterns_peft_wrote_import_and_export_with_identical_out
     ids = tokens()
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=1e-5, rtol=1e-5)
 
+    ak.save(ours, tmp_path / "ours")  # a spec per module is kept: the reload is the same adapter, not the first's
+    reloaded = copy.deepcopy(base)
+    ak.load(reloaded, tmp_path / "ours")
+    torch.testing.assert_close(logits(reloaded, ids), logits(ours, ids), atol=0, rtol=0)
+    assert {s.r for s in (h.adapter("a").spec for _, _, h in placements(reloaded, "a"))} == ranks
+
     export_peft(ours, "a", tmp_path / "back", modules=tuple(options.get("modules_to_save") or ()))
     config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert config["rank_pattern"] and set(config["rank_pattern"].values()) <= ranks

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.cli.test_cli import run_cli, write_tsv
+from tests.cli.helpers import run_cli, write_tsv
 from tests.conftest import make_tiny, randomize, tokens
 
 import adapterkit as ak

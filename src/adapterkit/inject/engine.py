@@ -35,12 +35,13 @@ def attach(model: nn.Module, name: str, spec: AdapterSpec, targets: Targets) -> 
 
 
 def attach_at(model: nn.Module, name: str, spec: AdapterSpec, paths: Sequence[str], fresh_init: bool = True,
-              modules: dict[str, nn.Module] | None = None) -> list[str]:
+              modules: dict[str, nn.Module] | None = None, specs: dict[str, AdapterSpec] | None = None) -> list[str]:
     """Attach ``name`` at exactly these module ``paths`` (no target selection): how a saved adapter is rebuilt.
 
     With ``fresh_init=False`` the spec's random initialisation draws from a forked random stream, so the caller's
     RNG state is left as it was (the weights are about to be overwritten by saved ones anyway). ``modules`` is
-    ``dict(model.named_modules())`` when the caller has it already (one walk of the tree fewer).
+    ``dict(model.named_modules())`` when the caller has it already (one walk of the tree fewer). ``specs`` gives
+    the paths whose adapter has a spec of its own (e.g. peft's per-module ranks); the others get ``spec``.
     """
     _check_new(model, name, spec)
     modules = dict(model.named_modules()) if modules is None else modules
@@ -49,10 +50,10 @@ def attach_at(model: nn.Module, name: str, spec: AdapterSpec, paths: Sequence[st
         raise TargetError(f"attach({name!r}): this model has no module {missing[0]!r}")
     chosen = [(path, modules[path]) for path in paths]
     if fresh_init:
-        return _build(name, spec, chosen)
+        return _build(name, spec, chosen, specs)
     devices = sorted({p.device for _, m in chosen for p in m.parameters() if p.device.type == "cuda"}, key=str)
     with torch.random.fork_rng(devices=devices):
-        return _build(name, spec, chosen)
+        return _build(name, spec, chosen, specs)
 
 
 def _check_new(model: nn.Module, name: str, spec: AdapterSpec) -> None:
@@ -65,11 +66,21 @@ def _check_new(model: nn.Module, name: str, spec: AdapterSpec) -> None:
         raise TargetError(f"attach({name!r}): expected an adapter spec such as LoRA(r=8), got {type(spec).__name__}")
 
 
-def _build(name: str, spec: AdapterSpec, chosen: list[tuple[str, nn.Module]]) -> list[str]:
+def _build(name: str, spec: AdapterSpec, chosen: list[tuple[str, nn.Module]],
+           specs: dict[str, AdapterSpec] | None = None) -> list[str]:
+    spec_at = {path: (specs or {}).get(path, spec) for path, _ in chosen}
     for path, module in chosen:  # validate everything before changing anything
-        spec.check_target(module, path)
-    built = spec.build_all([module for _, module in chosen])
-    for (path, module), adapter in zip(chosen, built, strict=True):
+        spec_at[path].check_target(module, path)
+    built: dict[str, nn.Module] = {}
+    distinct: list[AdapterSpec] = []
+    for each in spec_at.values():  # by equality: a spec's fields need not be hashable
+        if all(each != seen for seen in distinct):
+            distinct.append(each)
+    for each in distinct:  # one build_all per spec: placements of one spec may share parameters
+        group = [(path, module) for path, module in chosen if spec_at[path] == each]
+        built.update(zip([p for p, _ in group], each.build_all([m for _, m in group]), strict=True))
+    for path, module in chosen:
+        adapter = built[path]
         host = host_of(module)
         if host is None:
             host = Host(module, module_fingerprint(module), path)

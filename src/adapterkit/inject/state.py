@@ -76,9 +76,12 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None,
     targets = []
     spec_dict: dict[str, Any] | None = None
     found = placements(model, name)
+    own_specs: dict[str, Any] = {}  # targets whose adapter has a spec of its own (e.g. peft's per-module ranks)
     for mpath, _, host in found:
         adapter = host.adapter(name)
         spec_dict = spec_dict or adapter.spec.to_dict()
+        if adapter.spec.to_dict() != spec_dict:
+            own_specs[mpath] = adapter.spec.to_dict()
         targets.append(mpath)
         fingerprint[mpath] = host.fingerprint
         state = adapter.packed_state() if isinstance(adapter, Packed) else adapter.state_dict()
@@ -95,6 +98,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None,
         "format_version": FORMAT_VERSION,
         "name": name,
         "spec": spec_dict,
+        **({"specs": own_specs} if own_specs else {}),
         "targets": targets,
         "modules": extra,
         "fingerprint": fingerprint,
@@ -151,15 +155,16 @@ def attach_saved(model: nn.Module, record: dict[str, Any], tensors: dict[str, to
     memory and attaches from there; ``check_base=False`` skips the fingerprint check done once before."""
     name = name or record["name"]
     spec = spec_from_dict(record["spec"], where=f"{Path(where) / RECORD}")
+    specs = _own_specs(record, where)
     modules = dict(model.named_modules())
     if check_base:
         _check_base(record, modules, strict_base, where)
     if overwrite and name in adapter_names(model):
-        _check_same_adapter(model, name, spec, record, where)
+        _check_same_adapter(model, name, spec, specs, record, where)
         _copy_tensors(modules, name, record, tensors, where)
         return name
     try:
-        attach_at(model, name, spec, record["targets"], fresh_init=False, modules=modules)
+        attach_at(model, name, spec, record["targets"], fresh_init=False, modules=modules, specs=specs)
     except TargetError as exc:  # the saved spec cannot adapt a saved target (e.g. a rank the record misstates)
         raise StateError(f"{Path(where) / RECORD}: {exc}") from None
     try:
@@ -200,43 +205,66 @@ def _check_base(record: dict[str, Any], modules: dict[str, nn.Module], strict_ba
                              "(another checkpoint?); to load it anyway, ak.load(..., strict_base=False)")
 
 
-def _check_same_adapter(model: nn.Module, name: str, spec: Any, record: dict[str, Any], where: str) -> None:
-    found = placements(model, name)
-    here = found[0][2].adapter(name).spec
-    if here != spec or sorted(p for p, _, _ in found) != sorted(record["targets"]):
+def _own_specs(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """The targets whose adapter has a spec of its own (``"specs"`` in the record), each read and checked."""
+    own = record.get("specs", {})
+    if not isinstance(own, dict) or any(p not in record["targets"] or not isinstance(d, dict) for p, d in own.items()):
+        raise StateError(f"{Path(where) / RECORD}: 'specs' must map some of the targets to spec objects")
+    return {path: spec_from_dict(data, where=f"{Path(where) / RECORD} (specs of {path})") for path, data in own.items()}
+
+
+def _check_same_adapter(model: nn.Module, name: str, spec: Any, specs: dict[str, Any], record: dict[str, Any],
+                        where: str) -> None:
+    found = {path: host.adapter(name).spec for path, _, host in placements(model, name)}
+    saved = {path: specs.get(path, spec) for path in record["targets"]}
+    if found != saved:
         raise StateError(f"{where}: cannot overwrite adapter {name!r}: the saved one has another spec or targets "
-                         f"({spec.to_dict()} at {len(record['targets'])} modules, here {here.to_dict()} at "
-                         f"{len(found)})")
+                         f"({spec.to_dict()} at {len(saved)} modules, here {next(iter(found.values())).to_dict()} "
+                         f"at {len(found)})")
 
 
 def _copy_tensors(modules: dict[str, nn.Module], name: str, record: dict[str, Any], tensors: dict[str, torch.Tensor],
                   where: str) -> None:
+    """Copy the saved tensors into the adapter at each target and into the saved modules. Every plain tensor is
+    checked (present, same shape) before any is copied, so a bad file leaves the saved modules (a head shared with
+    the base model) as they were; packed and resizable adapters check their own stored forms as they rebuild."""
     weights_file = Path(where) / str(record.get("weights", ""))
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    rebuilt: list[tuple[str, Any, dict[str, torch.Tensor]]] = []
     for mpath in record["targets"]:
         adapter = _host(modules, mpath).adapter(name)
         prefix = f"adapter.{mpath}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if isinstance(adapter, Resizable):  # sizes set by training (e.g. a sparse diff's K), not by the spec
-            try:
-                adapter.resize(own)
-            except (ValueError, AdapterKitError) as exc:
-                raise StateError(f"{weights_file}: adapter at {mpath}: {exc}") from None
-        if isinstance(adapter, Packed):  # compact stored form (core/protocol.py): the adapter rebuilds itself
-            try:
-                adapter.load_packed(own)
-            except (ValueError, KeyError, AdapterKitError) as exc:
-                raise StateError(f"{weights_file}: adapter at {mpath}: {exc}") from None
-            continue
-        _load_state(adapter, own, f"{weights_file}: adapter at {mpath}")
+        if isinstance(adapter, (Resizable, Packed)):
+            rebuilt.append((mpath, adapter, own))
+        else:
+            copies += _checked_pairs(adapter, own, f"{weights_file}: adapter at {mpath}")
     for mpath in record.get("modules", []):
         if mpath not in modules:
             raise StateError(f"{where}: saved module {mpath!r} does not exist in this model")
         prefix = f"module.{mpath}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        _load_state(modules[mpath], own, f"{weights_file}: module {mpath}", skip_hosts=True)
+        copies += _checked_pairs(modules[mpath], own, f"{weights_file}: module {mpath}", skip_hosts=True)
+    for mpath, adapter, own in rebuilt:
+        try:
+            if isinstance(adapter, Resizable):  # sizes set by training (e.g. a sparse diff's K), not by the spec
+                adapter.resize(own)
+            if isinstance(adapter, Packed):  # compact stored form (core/protocol.py): the adapter rebuilds itself
+                adapter.load_packed(own)
+            else:
+                copies += _checked_pairs(adapter, own, f"{weights_file}: adapter at {mpath}")
+        except (ValueError, KeyError, AdapterKitError) as exc:
+            if isinstance(exc, StateError):
+                raise
+            raise StateError(f"{weights_file}: adapter at {mpath}: {exc}") from None
+    with torch.no_grad():
+        for tensor, value in copies:
+            tensor.copy_(value)
 
 
-def _load_state(module: nn.Module, state: dict[str, torch.Tensor], where: str, skip_hosts: bool = False) -> None:
+def _checked_pairs(module: nn.Module, state: dict[str, torch.Tensor], where: str, skip_hosts: bool = False
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(module tensor, saved value) for every tensor of ``module``'s state, each present with the right shape."""
     expected = {k: v for k, v in module.state_dict().items() if not (skip_hosts and HOST_ATTR in k.split("."))}
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -245,9 +273,7 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor], where: str, s
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise StateError(f"{where}: tensor {key} has shape {tuple(state[key].shape)}, expected "
                              f"{tuple(tensor.shape)}")
-    with torch.no_grad():
-        for key, tensor in expected.items():
-            tensor.copy_(state[key])
+    return [(tensor, state[key]) for key, tensor in expected.items()]
 
 
 def _resolve_name(model: nn.Module, name: str | None) -> str:

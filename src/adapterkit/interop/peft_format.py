@@ -141,8 +141,11 @@ def import_peft(model: nn.Module, folder: str | Path, name: str = "default") -> 
         detach(model, name)
         raise
     with torch.no_grad():
-        for target, value in saved:
+        for _, target, value in saved:
             target.copy_(value)
+    beside = list(dict.fromkeys(path for path, _, _ in saved))  # saved with the adapter by ak.save, as if trained
+    for _, _, host in placements(model, name):
+        host.beside[name] = beside
     return name
 
 
@@ -233,10 +236,11 @@ def _module_spec(cfg: Path, config: dict[str, Any], path: str) -> LoRA:
 
 
 def _split(weights: Path, tensors: dict[str, torch.Tensor], named: dict[str, nn.Module]
-           ) -> tuple[dict[str, dict[str, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The LoRA factors per module path, and (target, value) pairs for the saved modules' tensors, all checked."""
+           ) -> tuple[dict[str, dict[str, torch.Tensor]], list[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """The LoRA factors per module path, and (module path, target, value) for the saved modules' tensors, all
+    checked."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    saved: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise StateError(f"{weights}: tensor {key!r} is not under {PREFIX!r} (not a peft model's adapter?)")
@@ -256,7 +260,7 @@ def _split(weights: Path, tensors: dict[str, torch.Tensor], named: dict[str, nn.
         if tuple(own.shape) != tuple(value.shape):
             raise StateError(f"{weights}: saved tensor {key!r} has shape {tuple(value.shape)}, this model's "
                              f"{tuple(own.shape)}")
-        saved.append((own, value))
+        saved.append((path, own, value))
     if not factors:
         raise StateError(f"{weights}: no lora_A tensors here")
     return factors, saved
