@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.core.registry import spec_class
 from adapterkit.core.spec import AdapterSpec, require
 from tests.conftest import logits, make_tiny, randomize, tokens
 
@@ -28,7 +29,7 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 
 def test_unknown_method_suggests_the_closest() -> None:
     with pytest.raises(ak.UnknownMethodError) as exc:
-        ak.spec_class("lorra")
+        spec_class("lorra")
     assert "lorra" in one_line(exc) and "did you mean lora" in one_line(exc)
 
 
@@ -49,7 +50,7 @@ def test_rank_must_be_positive(rank) -> None:
 @pytest.mark.parametrize("make,field", [
     (lambda: ak.LoRA(alpha="x"), "alpha"), (lambda: ak.LoRA(r=True), "r"), (lambda: ak.LoRA(r=2.0), "r"),
     (lambda: ak.LoRA(dropout=True), "dropout"), (lambda: ak.DoRA(scaling=3), "scaling"),
-    (lambda: ak.XLoRA(hidden_size=32, top_k="2"), "top_k"), (lambda: ak.LowBit(base=3), "base"),
+    (lambda: ak.compose.XLoRA(hidden_size=32, top_k="2"), "top_k"), (lambda: ak.methods.LowBit(base=3), "base"),
 ], ids=["float-str", "int-bool", "int-float", "float-bool", "str-int", "optional", "nested-spec"])
 def test_spec_fields_are_checked_against_their_annotations(make, field) -> None:
     with pytest.raises(ak.SpecError) as exc:
@@ -85,7 +86,7 @@ def test_good_values_pass_and_lists_become_tuples() -> None:
     spec = Shapes(kind="b", sizes=[2, 3], pair=[4, 5], limit=1)  # an int is a fine float
     assert spec.sizes == (2, 3) and spec.pair == (4, 5) and hash(spec)
     assert ak.LoRA(alpha=16) == ak.LoRA(alpha=16.0)
-    assert ak.spec_from_dict(ak.LowBit(base=ak.LoRA(r=2)).to_dict()) == ak.LowBit(base=ak.LoRA(r=2))
+    assert ak.spec_from_dict(ak.methods.LowBit(base=ak.LoRA(r=2)).to_dict()) == ak.methods.LowBit(base=ak.LoRA(r=2))
     with pytest.raises(ak.SpecError) as exc:
         ak.spec_from_dict({"method": "lora", "r": "2"}, where="saved/adapter.json")
     assert one_line(exc).startswith("saved/adapter.json: lora: field r must be an int")

@@ -20,7 +20,7 @@ PARAMS = [pytest.param(kind, spec, targets, id=f"{method}-{kind}-{i}")
 
 
 def test_every_registered_method_has_a_case() -> None:
-    assert sorted(CASES) == ak.methods()
+    assert sorted(CASES) == ak.methods.available()
 
 
 def _saved(kind: str, spec, targets, folder: Path, scales: tuple[float, ...]) -> list[Path]:
@@ -63,7 +63,7 @@ def test_every_method_serves_equal_to_a_plain_load(kind, spec, targets, tmp_path
 def test_a_combiner_folder_is_refused_with_its_reason(tmp_path) -> None:
     """A learned block's combiner runs only inside its block: the store refuses it (one line), loads nothing."""
     model = make_tiny("bert")
-    ak.attach(model, "fusion", ak.Fusion(), ["output.LayerNorm"])
+    ak.attach(model, "fusion", ak.compose.Fusion(), ["output.LayerNorm"])
     ak.save(model, tmp_path / "fusion", "fusion")
     store = AdapterStore(make_tiny("bert"), None)
     with pytest.raises(ak.StateError, match=r"fusion: holds a combiner for 'fuse' blocks, which runs only") as exc:
