@@ -1,4 +1,5 @@
-"""`adapterkit` command line: train, eval, inspect, merge, export, import, explain, methods, serve, plot-routing."""
+"""`adapterkit` command line: train, eval, inspect, merge, export, import, convert, explain, methods, serve,
+plot-routing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib
 import os
 import sys
 
+from adapterkit.cli.arith_commands import add_parsers as add_arith_parsers
 from adapterkit.core.errors import AdapterKitError
 
 DESCRIPTION = """Attach small adapters to a frozen pretrained model, train, inspect and merge them.
@@ -23,6 +25,7 @@ EPILOG = """examples:
   adapterkit inspect runs/sst2-lora/adapter          # what an adapter targets, its sizes and spec
   adapterkit merge runs/sst2-lora --out merged/      # a plain transformers model directory
   adapterkit export runs/sst2-lora --out peft/       # peft's format (peft, vLLM, LoRAX load it)
+  adapterkit convert runs/sst2-dora -r 16 --out lora16/   # any mergeable adapter as a plain rank-16 LoRA
   adapterkit explain --method lora --targets query,value
   adapterkit serve --model DIR --adapters runs/ --port 8000   # HTTP server, many adapters batched together
   adapterkit plot-routing --adapter poly/ skills/* --block block.json --out routing.png"""
@@ -33,7 +36,8 @@ COMMANDS = {"train": ("commands", "cmd_train"), "eval": ("commands", "cmd_eval")
             "inspect": ("commands", "cmd_inspect"), "merge": ("commands", "cmd_merge"),
             "export": ("commands", "cmd_export"), "import": ("commands", "cmd_import_"),
             "explain": ("commands", "cmd_explain"), "methods": ("commands", "cmd_methods"),
-            "serve": ("serve_command", "cmd_serve"), "plot-routing": ("plot_routing", "cmd_plot_routing")}
+            "serve": ("serve_command", "cmd_serve"), "plot-routing": ("plot_routing", "cmd_plot_routing"),
+            "convert": ("arith_commands", "cmd_convert")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(imp)
     imp.add_argument("--num-labels", type=int, default=2, help="classes of the classification head (default 2)")
     imp.add_argument("--out", required=True, help="folder for the adapterkit adapter")
+    add_arith_parsers(sub)
 
     explain = sub.add_parser("explain", help="dry run: which modules a method and targets would touch",
                              description="List the modules an attach would adapt, with parameter counts.")
