@@ -133,3 +133,66 @@ def test_a_bias_change_needs_drop_bias(model_dir, tmp_path, capsys) -> None:
     assert "a LoRA cannot hold" in line and "--drop-bias" in line
     assert main(["convert", str(run), "-r", "4", "--drop-bias", "--out", str(tmp_path / "dropped")]) == 0
     assert _printed(capsys.readouterr().out) == (1.0, 1.0)  # a bias-only change is all lost, and says so
+
+
+@pytest.fixture(scope="module")
+def lora_runs(model_dir, tmp_path_factory) -> list[Path]:
+    """Two LoRA runs of rank 2 on the same base, with different weights and heads."""
+    folder = tmp_path_factory.mktemp("loras")
+    runs = []
+    for i in range(2):
+        torch.manual_seed(10 + i)
+        runs.append(_run(model_dir, folder / f"r{i}", ak.LoRA(r=2, alpha=4), ["query", "value"]))
+    return runs
+
+
+def _both(model_dir: Path, runs: list[Path]):
+    """A fresh model with both runs' adapters as "a0", "a1" and the first run's head."""
+    model, _ = load_classifier(str(model_dir), 2)
+    ak.load(model, runs[1] / "adapter", name="a1")
+    ak.load(model, runs[0] / "adapter", name="a0")
+    return model
+
+
+def test_combine_cat_is_the_sum_with_the_first_head(lora_runs, model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "sum"
+    assert main(["combine", *map(str, lora_runs), "--how", "cat", "--weights", "1,1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "combined 2 adapters (cat, weights 1,1) into 'combined': 4 modules, rank 4" in printed
+    fresh, _ = load_classifier(str(model_dir), 2)
+    ak.load(fresh, out)
+    both = _both(model_dir, lora_runs)
+    with ak.use(both, "a0", "a1"):  # both deltas at once: the exact sum, under the first run's head
+        want = _logits(both)
+    torch.testing.assert_close(_logits(fresh, "combined"), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(_logits(both, "a0"), want, atol=1e-3)  # the second run's adapter did count
+
+
+def test_combine_ties_matches_the_library(lora_runs, model_dir, tmp_path, capsys) -> None:
+    from adapterkit.arith.combine import combine
+
+    out = tmp_path / "ties"
+    assert main(["combine", *map(str, lora_runs), "--how", "ties_svd", "--weights", "0.5,0.5", "--density", "0.5",
+                 "--rank", "3", "--name", "t", "--out", str(out)]) == 0
+    assert "rank 3" in capsys.readouterr().out
+    fresh, _ = load_classifier(str(model_dir), 2)
+    assert ak.load(fresh, out) == "t"
+    both = _both(model_dir, lora_runs)
+    combine(both, ["a0", "a1"], [0.5, 0.5], "ties_svd", "t", density=0.5, rank=3)
+    torch.testing.assert_close(_logits(fresh, "t"), _logits(both, "t"), atol=1e-6, rtol=1e-6)
+
+
+def test_combine_errors_are_one_line(lora_runs, tmp_path, capsys) -> None:
+    runs = list(map(str, lora_runs))
+    cases = [
+        (["combine", *runs, "--weights", "1", "--out", str(tmp_path / "o1")], ["--weights", "1 values for 2 runs"]),
+        (["combine", *runs, "--weights", "a,b", "--out", str(tmp_path / "o2")], ["comma-separated numbers"]),
+        (["combine", *runs, "--how", "ties", "--out", str(tmp_path / "o3")], ["density"]),
+        (["combine", *runs, "--how", "nope", "--out", str(tmp_path / "o4")], ["unknown combination type"]),
+        (["combine", runs[0], str(tmp_path), "--out", str(tmp_path / "o5")], ["no run.json"]),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        line = one_error_line(capsys.readouterr().err, "combine")
+        assert all(w in line for w in words), line
+        assert not Path(argv[-1], "adapter.json").exists()

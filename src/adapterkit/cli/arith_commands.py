@@ -1,4 +1,5 @@
-"""Adapter arithmetic on the command line: ``convert`` turns a run's mergeable adapter into a plain LoRA.
+"""Adapter arithmetic on the command line: ``convert`` turns a run's mergeable adapter into a plain LoRA, ``combine``
+mixes several runs' adapters into one (arith/combine.py: peft's add_weighted_adapter types).
 
 The parser part imports nothing heavy (main.py builds every parser for ``--help``); the command body imports the
 model code when it runs.
@@ -24,8 +25,22 @@ CONVERT_EXAMPLES = """examples:
   adapterkit convert saved/ia3 --model DIR --num-labels 3 -r 8 --drop-bias --out saved/ia3-lora8"""
 
 
+COMBINE_DESCRIPTION = """Combine the adapters of several runs (trained on one base model) into one LoRA adapter.
+
+--how cat joins the LoRA factors: the result's change is exactly the weighted sum of the sources' changes, at the
+sum of their ranks. linear, ties, dare_linear, dare_ties and magnitude_prune mix the factors of equal-rank LoRAs as
+peft's add_weighted_adapter does (ties / dare / magnitude_prune prune to --density). Their _svd forms (svd,
+ties_svd, ...) mix the weight changes themselves (any mergeable adapter: DoRA, IA3, ...) and cut the result to
+--rank by the truncated SVD. A negative weight subtracts a source. The result is saved into --out with the first
+run's head."""
+
+COMBINE_EXAMPLES = """examples:
+  adapterkit combine runs/a runs/b --how cat --weights 1,1 --out runs/a+b
+  adapterkit combine runs/a runs/b --how ties_svd --weights 0.5,0.5 --density 0.5 --rank 16 --out runs/ties"""
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``convert`` on the ``adapterkit`` sub-command parser."""
+    """Register ``convert`` and ``combine`` on the ``adapterkit`` sub-command parser."""
     convert = sub.add_parser(
         "convert", help="turn a run's adapter (DoRA, IA3, LT-SFT, ...) into a plain LoRA of a chosen rank",
         description=CONVERT_DESCRIPTION,
@@ -45,6 +60,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          help="base model folder, for an adapter folder that is not in a run folder")
     convert.add_argument("--num-labels", type=int, default=2, metavar="N",
                          help="classes of the classification head, with --model (default 2)")
+
+    combine = sub.add_parser("combine", help="mix several runs' adapters into one (cat, linear, TIES, DARE, SVD)",
+                             description=COMBINE_DESCRIPTION, epilog=COMBINE_EXAMPLES,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    combine.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `adapterkit train`")
+    combine.add_argument("--how", default="cat", metavar="TYPE",
+                         help="cat, linear, ties, dare_linear, dare_ties, magnitude_prune, or svd, ties_svd, "
+                              "dare_linear_svd, dare_ties_svd, magnitude_prune_svd (default cat: the exact sum)")
+    combine.add_argument("--weights", default=None, metavar="LIST",
+                         help="comma-separated weight per run, e.g. 0.5,0.5 (default 1 each; write --weights=-1,1 "
+                              "when the first is negative)")
+    combine.add_argument("--density", type=float, default=None, metavar="D",
+                         help="fraction each source keeps, in (0, 1]: needed by ties, dare and magnitude_prune")
+    combine.add_argument("--rank", type=int, default=None, metavar="R", help="rank of the result: the _svd types")
+    combine.add_argument("--majority-sign", choices=["total", "frequency"], default="total",
+                         help="TIES sign election: sign of the sum or of the sign count (default total)")
+    combine.add_argument("--seed", type=int, default=0, metavar="N", help="seed of DARE's random masks (default 0)")
+    combine.add_argument("--name", default="combined", help="name the result is saved under (default combined)")
+    combine.add_argument("--out", required=True, metavar="DIR", help="folder for the combined adapter")
 
 
 def _load_source(args: argparse.Namespace) -> tuple[Any, str, tuple[str, ...]]:
@@ -92,4 +126,45 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"converted {name!r} ({method}, {len(errors)} modules) to a rank-{args.rank} LoRA {new_name!r}")
     print(f"relative error  max {errors[worst]:.3e} ({worst})  mean {sum(errors.values()) / len(errors):.3e}")
     print(f"written to {out}" + (f" (with {', '.join(head)})" if head else ""))
+    return 0
+
+
+def _weights(text: str | None, runs: int) -> list[float]:
+    if text is None:
+        return [1.0] * runs
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise AdapterKitError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.5,0.5") from None
+    if len(weights) != runs:
+        raise AdapterKitError(f"--weights {text!r}: {len(weights)} values for {runs} runs")
+    return weights
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    """``adapterkit combine``: load every run's adapter onto one base model, combine, save with the first head."""
+    import adapterkit as ak
+    from adapterkit.arith.combine import combine
+    from adapterkit.cli.common import load_classifier, read_run
+    from adapterkit.core.tree import placements
+    from adapterkit.train.loop import check_writable
+
+    weights = _weights(args.weights, len(args.runs))
+    records = [read_run(run) for run in args.runs]  # every run.json is checked before any model loads
+    out = Path(args.out)
+    check_writable(out)
+    first = records[0]
+    model, _ = load_classifier(first["model"], len(first["labels"]), where=f"{Path(args.runs[0], 'run.json')}: model")
+    names = [f"run{i}" for i in range(len(args.runs))]
+    # each load also copies its run's head into the model: loading the first run last leaves its head there
+    for run, name in reversed(list(zip(args.runs, names, strict=True))):
+        ak.load(model, Path(run, "adapter"), name=name)  # strict_base: a run on another base model is refused
+    combine(model, names, weights, args.how, args.name, density=args.density,
+            majority_sign_method=args.majority_sign, rank=args.rank, seed=args.seed)
+    head = tuple(first.get("config", {}).get("head", []))
+    ak.save(model, out, args.name, modules=head)
+    ranks = sorted({host.adapter(args.name).spec.r for _, _, host in placements(model, args.name)})
+    print(f"combined {len(names)} adapters ({args.how}, weights {','.join(f'{w:g}' for w in weights)}) into "
+          f"{args.name!r}: {len(placements(model, args.name))} modules, rank {'/'.join(map(str, ranks))}")
+    print(f"written to {out}" + (f" (with {', '.join(head)} of {args.runs[0]})" if head else ""))
     return 0

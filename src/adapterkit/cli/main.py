@@ -1,5 +1,5 @@
-"""`adapterkit` command line: train, eval, inspect, merge, export, import, convert, explain, methods, serve,
-plot-routing."""
+"""`adapterkit` command line: train, eval, inspect, merge, export, import, convert, combine, explain, methods,
+serve, plot-routing."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ EPILOG = """examples:
   adapterkit merge runs/sst2-lora --out merged/      # a plain transformers model directory
   adapterkit export runs/sst2-lora --out peft/       # peft's format (peft, vLLM, LoRAX load it)
   adapterkit convert runs/sst2-dora -r 16 --out lora16/   # any mergeable adapter as a plain rank-16 LoRA
+  adapterkit combine runs/a runs/b --how ties --weights 0.5,0.5 --density 0.5 --out ab/   # one adapter of two
   adapterkit explain --method lora --targets query,value
   adapterkit serve --model DIR --adapters runs/ --port 8000   # HTTP server, many adapters batched together
   adapterkit plot-routing --adapter poly/ skills/* --block block.json --out routing.png"""
@@ -37,7 +38,7 @@ COMMANDS = {"train": ("commands", "cmd_train"), "eval": ("commands", "cmd_eval")
             "export": ("commands", "cmd_export"), "import": ("commands", "cmd_import_"),
             "explain": ("commands", "cmd_explain"), "methods": ("commands", "cmd_methods"),
             "serve": ("serve_command", "cmd_serve"), "plot-routing": ("plot_routing", "cmd_plot_routing"),
-            "convert": ("arith_commands", "cmd_convert")}
+            "convert": ("arith_commands", "cmd_convert"), "combine": ("arith_commands", "cmd_combine")}
 
 
 def build_parser() -> argparse.ArgumentParser:
