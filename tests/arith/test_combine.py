@@ -141,6 +141,32 @@ def test_negation_subtracts_a_source() -> None:
         torch.testing.assert_close(logits(model, ids), logits(make_tiny("llama"), ids), atol=1e-5, rtol=1e-5)
 
 
+def test_linear_mixes_factors_not_deltas_and_one_source_is_a_weighted_copy() -> None:
+    model = _sources("llama", EQUAL[:2])
+    combine(model, ["s0", "s1"], [0.6, 0.9], "linear", "lin")
+    combine(model, ["s0", "s1"], [0.6, 0.9], "cat", "sum")
+    q = next(h for p, _, h in placements(model, "lin") if p.endswith("0.self_attn.q_proj"))
+    gap = (q.adapter("lin").delta_weight() - q.adapter("sum").delta_weight()).abs().max()
+    assert gap > 1e-2  # the cross terms B_j A_k
+    combine(model, ["s1"], [-0.7], "ties_svd", "one", density=0.2, rank=1)  # peft: one source is linear
+    torch.testing.assert_close(q.adapter("one").delta_weight(), -0.7 * q.adapter("s1").delta_weight())
+
+
+def test_an_rslora_first_source_keeps_our_delta_the_factor_product(tmp_path: Path) -> None:
+    model = make_tiny("llama")
+    for i, spec in enumerate((EQUAL[1], EQUAL[0])):
+        ak.attach(model, f"s{i}", spec, ["q_proj"])
+        randomize(model, f"s{i}", scale=0.15, seed=i)
+    paths = combine(model, ["s0", "s1"], WEIGHTS[:2], "cat", "combo")
+    theirs = _peft_combined("llama", model, tmp_path, "cat")
+    layer = theirs.base_model.model.get_submodule(paths[0])
+    product = layer.lora_B["combo"].weight @ layer.lora_A["combo"].weight
+    ours = dict((p, h) for p, _, h in placements(model, "combo"))[paths[0]].adapter("combo").delta_weight()
+    torch.testing.assert_close(ours, product, atol=1e-5, rtol=0)  # the same factors
+    # peft copies s0's rsLoRA flag onto the combined adapter: its layer scales that product by r / sqrt(r)
+    torch.testing.assert_close(layer.get_delta_weight("combo"), product * 8**0.5, atol=1e-5, rtol=1e-5)
+
+
 def test_svd_types_take_any_mergeable_source_by_its_delta() -> None:
     model = make_tiny("llama")
     ak.attach(model, "lora", ak.LoRA(r=2), ["q_proj", "down_proj"])
@@ -184,6 +210,9 @@ def test_combined_adapter_saves_loads_and_merges(kind: str, tmp_path: Path) -> N
 def test_bad_input_is_a_one_line_error() -> None:
     model = _sources("llama", UNEQUAL)
     ak.attach(model, "bn", ak.SeqBottleneck(hidden=4), ["down_proj"])
+    ak.attach(model, "emb", ak.LoRA(r=2), ["embed_tokens"])
+    ak.attach(model, "dora", ak.DoRA(r=2), ["v_proj"])
+    ak.merge(model, "s0")  # s0 adapts v_proj: DoRA's delta there would be read off a merged weight
     two, w2 = ["s0", "s1"], [1.0, 1.0]
     cases: list[tuple[dict[str, Any], str]] = [
         (dict(sources=two, weights=[1.0], how="cat"), "need 2 weights"),
@@ -200,6 +229,8 @@ def test_bad_input_is_a_one_line_error() -> None:
         (dict(sources=two, weights=w2, how="ties_svd", density=0.5, rank=2, majority_sign_method="mean"),
          "majority_sign_method"),
         (dict(sources=[], weights=[], how="cat"), "at least one source"),
+        (dict(sources=["s0", "emb"], weights=w2, how="svd", rank=2), "Linear / Conv1D layers only"),
+        (dict(sources=["dora", "s1"], weights=w2, how="svd", rank=2), "unmerge first"),
     ]
     for kwargs, message in cases:
         kwargs.setdefault("name", "new")

@@ -155,7 +155,7 @@ def _factor_mix(how: str, present: list[tuple[int, nn.Module]], weights: list[fl
     if how == "cat":
         return torch.cat(b_in, dim=1), torch.cat([a * s for a, s in zip(a_in, scaled, strict=True)])
     # the sign goes on A only: on both sides it would cancel in B A
-    a_w = [math.copysign(math.sqrt(abs(s)), 1.0 if s >= 0 else -1.0) for s in scaled]
+    a_w = [math.sqrt(abs(s)) if s >= 0 else -math.sqrt(abs(s)) for s in scaled]
     b_w = [math.sqrt(abs(s)) for s in scaled]
     mixed = []
     for tensors, ws in ((a_in, a_w), (b_in, b_w)):  # peft's order: every A mask is drawn before any B mask
