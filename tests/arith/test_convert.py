@@ -92,6 +92,11 @@ def test_conversion_error_is_the_svd_tail_and_full_rank_is_exact(kind) -> None:
         previous = errors
     assert max(previous.values()) < 1e-6
     torch.testing.assert_close(_outputs(model, "src_lora32"), source, atol=1e-5, rtol=1e-5)
+    ak.merge(model, "src")  # converting left the source's merge bookkeeping as it was: it still merges and back
+    ak.activate(model)
+    torch.testing.assert_close(logits(model, tokens()), source, atol=1e-5, rtol=1e-5)
+    ak.unmerge(model, "src")
+    torch.testing.assert_close(_outputs(model, "src"), source, atol=1e-6, rtol=1e-6)
 
 
 def test_the_result_is_a_plain_lora_that_saves_loads_and_merges(tmp_path) -> None:
@@ -155,6 +160,15 @@ def test_extract_lora_recovers_a_low_rank_finetune_exactly_at_its_rank() -> None
         sigma = torch.linalg.svdvals(delta)
         assert lower[path] == pytest.approx(float(sigma[2:].norm() / sigma.norm()), abs=1e-6)
         assert lower[path] > 1e-2
+
+
+def test_extract_lora_reads_conv1d_in_the_canonical_layout() -> None:
+    base = make_tiny("gpt2")
+    paths = [p for p, _ in base.named_modules() if p.endswith("attn.c_attn")]  # Conv1D, weight stored (in, out)
+    tuned = _low_rank_finetune(base, paths, 2)
+    errors = extract_lora(base, tuned, ["c_attn"], 2, "x")
+    assert set(errors) == set(paths) and max(errors.values()) < 1e-6
+    torch.testing.assert_close(_outputs(base, "x"), logits(tuned, tokens()), atol=1e-5, rtol=1e-5)
 
 
 def _one_line(exc: pytest.ExceptionInfo, *words: str) -> None:
