@@ -16,6 +16,8 @@ from typing import Any as _Any
 
 from adapterkit import compose, methods  # the namespaces; importing them registers every combiner and method
 from adapterkit.api import activate, adapters, use
+from adapterkit.arith.combine import combine
+from adapterkit.arith.convert import to_lora
 from adapterkit.core.blocks import Average, Mix, Parallel, Select, Stack, block_from_dict
 from adapterkit.core.context import Routing
 from adapterkit.core.errors import (
@@ -45,6 +47,8 @@ __all__ = [
     # verbs
     "activate", "adapters", "attach", "detach", "explain", "is_merged", "load", "merge", "quantize_base", "read",
     "save", "train_only", "unmerge", "use", "block_from_dict", "spec_from_dict",
+    # adapter arithmetic (arith/: a new LoRA from several adapters, or from any mergeable one)
+    "combine", "to_lora",
     # composition blocks and what learned blocks report
     "Average", "Mix", "Parallel", "Select", "Stack", "Routing",
     # errors
