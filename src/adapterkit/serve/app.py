@@ -5,7 +5,8 @@ Endpoints (JSON in and out; every error is ``{"error": {"message", "type", "code
 * ``POST /v1/completions`` -- OpenAI-style completions for a causal LM; ``model`` names the adapter ("base": none)
 * ``POST /v1/classify``    -- ``{"model": adapter, "input": str | [str]}`` -> label and probabilities per input
 * ``GET /v1/adapters``     -- loaded adapters (and the folders that could be loaded); ``GET /v1/models`` too
-* ``POST /v1/adapters``    -- ``{"name": N}`` loads ``<adapters dir>/N``; ``DELETE /v1/adapters/N`` unloads it
+* ``POST /v1/adapters``    -- ``{"name": N}`` loads ``<adapters dir>/N``; ``DELETE /v1/adapters/N`` unloads it;
+  ``{"name": N, "combine": {"sources", "weights", "how", ...}}`` builds N from loaded adapters (serve/recipes.py)
 * ``GET /health``, ``GET /metrics`` (Prometheus text)
 
 Status codes: 400 malformed JSON, a field of the wrong type or value, an invalid adapter name or a bad adapter
@@ -36,6 +37,7 @@ from adapterkit.core.errors import AdapterKitError
 from adapterkit.serve.batcher import Batcher, QueueFullError, TooManyRowsError
 from adapterkit.serve.guard import Guard, error_body
 from adapterkit.serve.metrics import Metrics
+from adapterkit.serve.recipes import add_combined, parse_recipe
 from adapterkit.serve.requests import ApiError, ClassifyRequest, CompletionRequest, LoadRequest, parse
 from adapterkit.serve.runners import Row
 from adapterkit.serve.store import BASE_NAME, AdapterStore, AlreadyLoadedError, NotFoundError, check_name
@@ -114,8 +116,12 @@ def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConf
     @app.post("/v1/adapters")
     async def load_adapter(request: Request) -> dict[str, Any]:
         body = await parse(request, LoadRequest, config.max_body_bytes)
-        # reading and attaching touch the model: done on the batch thread's lock, off the event loop
-        entry = await asyncio.to_thread(store.add, check_name(body.name))
+        name = check_name(body.name)
+        # reading, combining and attaching touch the model: done on the batch thread's lock, off the event loop
+        if body.combine is not None:
+            entry = await asyncio.to_thread(add_combined, store, name, parse_recipe(body.combine))
+        else:
+            entry = await asyncio.to_thread(store.add, name)
         return {"loaded": entry.name, "adapters": len(store.entries)}
 
     @app.delete("/v1/adapters/{name:path}")  # any path, so "../x" reaches the name check (400), not a 404

@@ -52,10 +52,11 @@ class ClassifyRequest(BaseModel):
 
 
 class LoadRequest(BaseModel):
-    """Load ``<adapters dir>/<name>``."""
+    """Load ``<adapters dir>/<name>``, or build ``name`` from a combination recipe (serve.recipes.Recipe)."""
 
     model_config = _STRICT
     name: str
+    combine: Any = None  # validated by serve.recipes.parse_recipe, whose errors name the recipe's own fields
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -84,6 +84,7 @@ class Entry:
     tensors: dict[str, torch.Tensor]  # the "adapter.*" tensors, as read: what every attach starts from
     modules: dict[str, dict[str, torch.Tensor]]  # saved module path (e.g. a head) -> its parameters, on device
     labels: list[str] | None = None  # class names from run.json, when the folder is a training run
+    recipe: dict[str, Any] | None = None  # the combination it was built from (serve.recipes); folder: its 1st source's
 
 
 class AdapterStore:
@@ -146,19 +147,24 @@ class AdapterStore:
         check_name(name)
         if name == BASE_NAME:
             raise BadNameError(f"adapter name {BASE_NAME!r} is reserved for the base model")
-        self._check_new(name)
-        entry = self._read(name, Path(folder) if folder is not None else self.folder_of(name))
+        self.check_new(name)
+        return self.insert(self._read(name, Path(folder) if folder is not None else self.folder_of(name)),
+                           check_base=True)
+
+    def insert(self, entry: Entry, check_base: bool = False) -> Entry:
+        """Keep ``entry`` (read from a folder, or built by serve.recipes) and attach it; undone if that fails."""
         with self.lock:
-            self._check_new(name)
-            self.entries[name] = entry
+            self.check_new(entry.name)
+            self.entries[entry.name] = entry
             try:
-                self._make_resident(name, pinned=(), check_base=True)
+                self._make_resident(entry.name, pinned=(), check_base=check_base)
             except Exception:
-                del self.entries[name]
+                del self.entries[entry.name]
                 raise
         return entry
 
-    def _check_new(self, name: str) -> None:
+    def check_new(self, name: str) -> None:
+        """AlreadyLoadedError if ``name`` is loaded."""
         if name in self.entries:
             raise AlreadyLoadedError(f"adapter {name!r} is already loaded; unload it first "
                                      f"(DELETE /v1/adapters/{name})")
@@ -254,7 +260,8 @@ class AdapterStore:
         """One JSON-ready row per loaded adapter, in load order."""
         return [{"id": name, "object": "model", "method": entry.record["spec"].get("method"),
                  "resident": name in self.resident, "targets": len(entry.record["targets"]),
-                 "modules": sorted(entry.modules), "labels": entry.labels}
+                 "modules": sorted(entry.modules), "labels": entry.labels,
+                 **({"recipe": entry.recipe} if entry.recipe is not None else {})}
                 for name, entry in self.entries.items()]
 
 
