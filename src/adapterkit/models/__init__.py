@@ -1,0 +1,89 @@
+"""Pretrained models by name or path, offline: ``model, tokenizer = load_pretrained("smollm2")``.
+
+``name_or_path`` is a known name (``known_names()``: smollm2, gemma3-270m, minilm), a Hugging Face model folder,
+or a ``.gguf`` file (converted once into a cached folder: models/gguf_cache.py). The task follows the model unless
+given: a causal LM folder (its config names a ``*ForCausalLM`` / ``*LMHeadModel``) loads as one, anything else as a
+sequence classifier with a fresh head of ``num_labels`` classes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from adapterkit.core.errors import AdapterKitError
+from adapterkit.models.gguf_cache import BadModelFileError, cache_root, cached_folder
+from adapterkit.models.known import KNOWN, ModelNotFoundError, known_names, locate
+
+__all__ = ["BadModelFileError", "KNOWN", "ModelNotFoundError", "cache_root", "is_causal_lm", "known_names",
+           "load_pretrained", "resolve"]
+TASKS = ("auto", "causal-lm", "classify")
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """The local Hugging Face folder behind a known name, a folder or a ``.gguf`` file (converted and cached)."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return cached_folder(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{text}: not a Hugging Face model folder (no config.json)")
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"{text}: not a model folder or a .gguf file")
+    if "/" in text or "\\" in text:
+        raise ModelNotFoundError(f"{text}: no such folder or file")
+    found, kind = locate(text)
+    return cached_folder(found) if kind == "gguf" else found
+
+
+def is_causal_lm(folder: str | Path) -> bool:
+    """Whether a model folder's config names a causal-LM architecture."""
+    config = Path(folder, "config.json")
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as exc:
+        raise AdapterKitError(f"{config}: unreadable model config ({exc})") from None
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def load_pretrained(name_or_path: str | Path, task: str = "auto", num_labels: int = 2, dtype: Any = None,
+                    where: str = "--model") -> tuple[Any, Any]:
+    """(model, tokenizer) for ``name_or_path``; ``task`` is "auto", "causal-lm" or "classify".
+
+    The tokenizer always has a pad token (the end-of-sequence token where the model has none), and the model's
+    config and generation config name it. ``where`` names the value's origin in errors.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
+
+    if task not in TASKS:
+        raise AdapterKitError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    try:
+        folder = resolve(name_or_path)
+    except AdapterKitError as exc:
+        raise type(exc)(f"{where} {exc}") from None
+    if task == "auto":
+        task = "causal-lm" if is_causal_lm(folder) else "classify"
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # a classifier's fresh head is expected; its notice is noise here
+    try:
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels,
+                                                                       dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise AdapterKitError(f"{where} {name_or_path}: cannot load ({(str(exc).splitlines() or [''])[0]})") \
+            from None
+    finally:
+        logging.set_verbosity(verbosity)
+    if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
