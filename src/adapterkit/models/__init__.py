@@ -84,6 +84,7 @@ def load_pretrained(name_or_path: str | Path, task: str = "auto", num_labels: in
     if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers ship without one
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
