@@ -35,6 +35,10 @@ def _split(table: TextTable, seed: int) -> tuple[TextTable, TextTable]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from adapterkit.cli.llm_commands import cmd_train_lm, wants_causal_lm
+
+    if wants_causal_lm(args):  # --task causal-lm, or a causal LM given as --model: supervised fine-tuning
+        return cmd_train_lm(args)
     from adapterkit.train.loop import TrainConfig, check_writable, fit, seed_everything
 
     spec = parse_spec(args.method, args.param)  # bad specs fail before anything loads
@@ -88,6 +92,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise AdapterKitError(f"--batch-size must be at least 1, got {args.batch_size}")
     record = read_run(args.run)  # the columns are checked before any model loads
+    if record.get("task") == "causal-lm":
+        from adapterkit.cli.llm_commands import cmd_eval_lm
+
+        return cmd_eval_lm(args, record)
     path = args.data or record.get("dev_file")
     if not path:
         raise AdapterKitError(f"{args.run}: the run has no dev file; pass --data")

@@ -86,7 +86,10 @@ def read_run(run: str) -> dict[str, Any]:
         record = json.loads(record_file.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise AdapterKitError(f"{record_file}: invalid JSON ({(str(exc).splitlines() or [''])[0]})") from None
-    missing = [k for k in ("model", "labels", "columns") if not isinstance(record, dict) or k not in record]
+    # a classification run records its labels and columns; a causal-LM run ("task": "causal-lm") has neither
+    needed = ("model",) if isinstance(record, dict) and record.get("task") == "causal-lm" else \
+        ("model", "labels", "columns")
+    missing = [k for k in needed if not isinstance(record, dict) or k not in record]
     if missing:
         raise AdapterKitError(f"{record_file}: not a run record (missing {', '.join(missing)})")
     return record
@@ -97,8 +100,13 @@ def load_run(run: str, float_base: bool = False) -> tuple[dict[str, Any], Any, A
     the same base rebuilt (quantising is deterministic), or with ``float_base`` the float model it was quantised
     from: the QLoRA way to merge, the adapter's 4-bit fingerprint set aside on purpose."""
     record = read_run(run)
-    model, tokenizer = load_classifier(record["model"], len(record["labels"]),
-                                       where=f"{Path(run, 'run.json')}: model")
+    where = f"{Path(run, 'run.json')}: model"
+    if record.get("task") == "causal-lm":
+        from adapterkit.models import load_pretrained
+
+        model, tokenizer = load_pretrained(record["model"], task="causal-lm", where=where)
+    else:
+        model, tokenizer = load_classifier(record["model"], len(record["labels"]), where=where)
     config = record.get("config", {})
     quantized = bool(config.get("quantize"))
     if quantized and not float_base:
