@@ -25,11 +25,23 @@ CANDIDATES: dict[str, list[list[str]]] = {
 }
 
 
-def default_targets(model: nn.Module, method: str) -> list[str]:
-    """The first candidate list fully present in ``model``; an error naming ``--targets`` otherwise."""
+# Causal LMs (supervised fine-tuning): LoRA-style methods on every projection of attention and MLP, the placement
+# the QLoRA paper found necessary to match full fine-tuning; tried before CANDIDATES, which remain the fallback.
+_ALL_PROJECTIONS = [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                    ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],  # no gated MLP
+                    ["c_attn", "c_proj", "c_fc"]]  # GPT-2 (Conv1D)
+CAUSAL_LM_CANDIDATES: dict[str, list[list[str]]] = {"lora": _ALL_PROJECTIONS, "dora": _ALL_PROJECTIONS}
+
+
+def default_targets(model: nn.Module, method: str, causal_lm: bool = False) -> list[str]:
+    """The first candidate list fully present in ``model``; an error naming ``--targets`` otherwise.
+
+    ``causal_lm`` tries the causal-LM placements first (all seven projections for LoRA and DoRA).
+    """
     from adapterkit.inject.select import select
 
-    for candidate in CANDIDATES.get(method, []):
+    lists = (CAUSAL_LM_CANDIDATES.get(method, []) if causal_lm else []) + CANDIDATES.get(method, [])
+    for candidate in lists:
         try:
             for target in candidate:
                 select(model, [target])

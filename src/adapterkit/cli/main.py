@@ -21,7 +21,10 @@ EPILOG = """examples:
   adapterkit train                                   # LoRA on SST-2 with all-MiniLM-L6-v2
   adapterkit train --method dora -p r=16 --epochs 1  # another method and its parameters
   adapterkit train --data my.csv --text-column review --label-column stars --out runs/reviews
+  adapterkit train --model smollm2 --max-steps 100   # LoRA SFT of SmolLM2 on the shipped instructions
+  adapterkit train --model smollm2 --data train.tsv --dev dev.tsv   # SST-2 as generative classification
   adapterkit eval runs/sst2-lora                     # dev accuracy of a trained run
+  adapterkit eval runs/train-smollm2-lora --base     # the same dev set, base model without the adapter
   adapterkit eval runs/reviews --data test.csv --text-column body --label-column rating   # other column names
   adapterkit inspect runs/sst2-lora/adapter          # what an adapter targets, its sizes and spec
   adapterkit merge runs/sst2-lora --out merged/      # a plain transformers model directory
@@ -48,21 +51,44 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train an adapter on a classification data set",
-                           description="Train an adapter (and the classifier head) on labelled text.")
+    train = sub.add_parser("train", help="train an adapter: a classifier on labelled text, or a causal LM on "
+                                         "instructions, chats or labelled text (generative classification)",
+                           description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(train)
     _data_args(train)
     _method_args(train)
-    group = train.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=3, metavar="N", help="passes over the training data (default 3)")
-    group.add_argument("--lr", type=float, default=5e-4, metavar="RATE", help="peak AdamW learning rate (default 5e-4)")
-    group.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per step (default 32)")
-    group.add_argument("--max-length", type=int, default=64, metavar="TOKENS", help="tokens per example (default 64)")
+    group = train.add_argument_group("training (the second default is a causal LM's)")
+    group.add_argument("--task", choices=["auto", "causal-lm", "classify"], default="auto",
+                       help="auto (default): supervised fine-tuning when --model is a causal LM, a classifier "
+                            "otherwise; causal-lm forces fine-tuning (with SmolLM2 when no --model is given)")
+    group.add_argument("--epochs", type=int, default=3, metavar="N", action=_Given,
+                       help="passes over the training data (default 3; 1)")
+    group.add_argument("--lr", type=float, default=5e-4, metavar="RATE", action=_Given,
+                       help="peak AdamW learning rate (default 5e-4; 2e-4)")
+    group.add_argument("--batch-size", type=int, default=32, metavar="N", action=_Given,
+                       help="examples per step (default 32; 8)")
+    group.add_argument("--max-length", type=int, default=64, metavar="TOKENS", action=_Given,
+                       help="tokens per example, longer ones are cut (default 64; 512)")
     group.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after this many steps")
-    group.add_argument("--seed", type=int, default=0, metavar="N", help="seed for the head, adapter init and shuffling")
-    group.add_argument("--head", default="classifier", metavar="MODULES",
-                       help="comma-separated modules trained and saved with the adapter (default classifier)")
-    group.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/<data>-<method>)")
+    group.add_argument("--seed", type=int, default=0, metavar="N",
+                       help="seed for the head, adapter init, dev split and shuffling")
+    group.add_argument("--head", default="classifier", metavar="MODULES", action=_Given,
+                       help="comma-separated modules trained and saved with the adapter (default classifier; none)")
+    group.add_argument("--out", default=None, metavar="DIR",
+                       help="output folder (default runs/<data>-<method>; runs/<data>-<model>-<method>)")
+    group = train.add_argument_group("causal LMs")
+    group.add_argument("--prompt", default=None, metavar="TEXT",
+                       help="generative classification: the user turn, with a {text} slot for the example (default: "
+                            "\"Is the sentiment of this movie review positive or negative? Answer with one word."
+                            "\\n\\n{text}\")")
+    group.add_argument("--label-words", default=None, metavar="LIST",
+                       help="generative classification: the answer word of each label, comma-separated in label "
+                            "order (default: negative,positive for labels 0/1, else the label names)")
+    group.add_argument("--samples", type=int, default=4, metavar="N",
+                       help="dev prompts answered greedily after each epoch, into OUT/samples-epoch-N.jsonl "
+                            "(default 4)")
+    group.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                       help="longest answer of those samples (default 64)")
     group = train.add_argument_group("memory and resuming")
     group.add_argument("--grad-accum", type=int, default=1, metavar="N",
                        help="split each batch into N micro-batches: same updates, less activation memory")
@@ -83,11 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint.safetensors (same result as an uninterrupted run)")
 
-    evaluate = sub.add_parser("eval", help="dev accuracy of a trained run",
-                              description="Evaluate a run folder written by `adapterkit train`.")
+    evaluate = sub.add_parser("eval", help="dev accuracy of a trained run (loss and perplexity for fine-tuned LMs)",
+                              description="Evaluate a run folder written by `adapterkit train`: accuracy for a "
+                                          "classifier or a generative classifier (rank classification, plus greedy "
+                                          "exact match), dev loss and perplexity over the answers for a causal LM "
+                                          "fine-tuned on instructions. Prints one JSON line.")
     evaluate.add_argument("run", help="run folder (holds run.json and adapter/)")
     evaluate.add_argument("--data", default=None, metavar="FILE",
-                          help="labelled file to evaluate on: .csv, .tsv or .jsonl (default: the run's dev set)")
+                          help="file to evaluate on: a labelled .csv, .tsv or .jsonl, or instruction / chat data "
+                               "for an instruction-tuned run (default: the run's dev set)")
     evaluate.add_argument("--text-column", default=None, metavar="NAME",
                           help="column of --data holding the text (default: the training data's)")
     evaluate.add_argument("--pair-column", default=None, metavar="NAME",
@@ -96,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label-column", default=None, metavar="NAME",
                           help="column holding the label (default: the training data's)")
     evaluate.add_argument("--batch-size", type=int, default=64, metavar="N", help="examples per forward (default 64)")
+    evaluate.add_argument("--base", action="store_true",
+                          help="causal-LM runs: evaluate the base model without the adapter (the zero-shot number)")
 
     inspect = sub.add_parser("inspect", help="what an adapter file targets, its sizes and spec",
                              description="Describe a saved adapter without loading a model.")
@@ -146,6 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAIN_DESCRIPTION = """Train an adapter.
+
+A classifier (the default, all-MiniLM-L6-v2): the adapter and a classification head on labelled text.
+A causal LM (--model smollm2, any *ForCausalLM folder, or --task causal-lm): supervised fine-tuning, the loss on
+the assistant's tokens only, rendered with the model's chat template. --data is then
+  instructions  .json (an array) or .jsonl with instruction, input, output (alpaca), or
+  chats         .jsonl with messages: [{"role": "system"|"user"|"assistant", "content": ...}], or
+  a table       .csv / .tsv / .jsonl with text and label columns: generative classification, the answer is the
+                label's word (--prompt, --label-words); accuracy ranks the labels' answers by log-probability.
+Without --data a causal LM trains on the shipped Alpaca Libre instructions (1,173 rows, seeded 5% dev split).
+LoRA and DoRA default to all seven projections (q,k,v,o,gate,up,down) on a causal LM."""
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes in ``namespace.given`` that it was typed, so a causal-LM run can tell a chosen
+    value from the classifier's default it replaces."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = set(getattr(namespace, "given", set())) | {self.dest}
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="NAME|DIR|GGUF",
                         help="a known model (smollm2, minilm), a local Hugging Face model folder or a .gguf file "
@@ -153,9 +208,11 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data (default: the shipped SST-2 sentence-level train/dev)")
-    group.add_argument("--data", default=None, metavar="FILE", help="training file: .csv, .tsv or .jsonl")
-    group.add_argument("--dev", default=None, metavar="FILE", help="dev file (default: a seeded 10%% split of --data)")
+    group = parser.add_argument_group("data (default: the shipped SST-2 train/dev; Alpaca Libre for a causal LM)")
+    group.add_argument("--data", default=None, metavar="FILE",
+                       help="training file: .csv, .tsv or .jsonl (a causal LM also takes alpaca .json / chat .jsonl)")
+    group.add_argument("--dev", default=None, metavar="FILE",
+                       help="dev file (default: a seeded 10%% split of --data; 5%% for a causal LM)")
     group.add_argument("--text-column", default="sentence", metavar="NAME",
                        help="column holding the text (default sentence)")
     group.add_argument("--pair-column", default=None, metavar="NAME", help="second text column for sentence pairs")

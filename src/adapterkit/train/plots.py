@@ -9,7 +9,8 @@ from adapterkit.core.files import atomic_write
 
 
 def training_curve(history: dict[str, list], path: Path, title: str) -> None:
-    """Loss per step (raw and smoothed) and dev accuracy per epoch on a second axis."""
+    """Loss per step (raw and smoothed), dev loss per epoch where the history has it (causal-LM runs: same axis,
+    same units) and dev accuracy per epoch on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,7 +25,10 @@ def training_curve(history: dict[str, list], path: Path, title: str) -> None:
     ax.plot(steps, smooth, color="#08519c", linewidth=1.6, label=f"loss (mean of {window})")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    if history["epoch"]:
+    if history.get("dev_loss"):
+        ax.plot(history["epoch_step"], history["dev_loss"], "s--", color="#31a354", label="dev loss")
+        ax.set_ylabel("loss")
+    if history["epoch"] and history.get("dev_accuracy"):
         ax2 = ax.twinx()
         xs = history["epoch_step"]
         ax2.plot(xs, history["dev_accuracy"], "o-", color="#d94801", label="dev accuracy")
