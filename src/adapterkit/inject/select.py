@@ -1,4 +1,5 @@
-"""Targets -> module paths, and ``explain``: the dry run that shows what ``attach`` would touch.
+"""Targets -> module paths, and ``explain``: the dry run that shows what ``attach`` would touch, or (called with the
+model alone) a summary of the adapters attached, with peft's ``print_trainable_parameters`` line.
 
 A target is one of: a name suffix ("query" matches "encoder.layer.0.attention.self.query"), a regex written
 "re:<pattern>" (full match on the dotted path), a module type, or a predicate ``(path, module) -> bool``.
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 from torch import nn
@@ -18,6 +21,7 @@ from torch import nn
 from adapterkit.core.errors import TargetError
 from adapterkit.core.host import HOST_ATTR
 from adapterkit.core.spec import AdapterSpec
+from adapterkit.core.tree import hosts, names_in
 
 Target = str | type | Callable[[str, nn.Module], bool]
 Targets = Target | Sequence[Target]
@@ -99,10 +103,88 @@ class Plan:
         return "\n".join(lines)
 
 
-def explain(model: nn.Module, targets: Targets, spec: AdapterSpec | None = None) -> Plan:
-    """Dry run: list the modules ``targets`` select and, given a spec, the parameters it would add."""
+@dataclass(frozen=True)
+class AttachedAdapter:
+    """One attached adapter: its method, the modules it adapts (path, parameters there) and whether it trains."""
+
+    name: str
+    method: str
+    modules: tuple[tuple[str, int], ...]
+    trainable_params: int
+
+    @property
+    def params(self) -> int:
+        return sum(count for _, count in self.modules)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The adapters attached to a model and peft's parameter counts; ``str(summary)`` prints both."""
+
+    adapters: tuple[AttachedAdapter, ...]
+    trainable_params: int
+    all_params: int
+
+    def trainable_line(self) -> str:
+        """peft's ``print_trainable_parameters`` line, character for character (peft/peft_model.py)."""
+        return (f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} || "
+                f"trainable%: {100 * self.trainable_params / max(self.all_params, 1):.4f}")
+
+    def __str__(self) -> str:
+        lines = [] if self.adapters else ["no adapters attached"]
+        for each in self.adapters:
+            # module paths grouped by their last part: "q_proj x30, v_proj x30" reads better than 60 paths
+            kinds = Counter(path.rsplit(".", 1)[-1] for path, _ in each.modules)
+            where = ", ".join(f"{leaf} x{n}" if n > 1 else leaf for leaf, n in kinds.items())
+            lines.append(f"{each.name}: {each.method}, {len(each.modules)} modules ({where}), {each.params:,} "
+                         f"params, {each.trainable_params:,} trainable")
+        return "\n".join([*lines, self.trainable_line()])
+
+
+def _counted(param: torch.Tensor) -> int:
+    """A parameter's count as peft's ``get_nb_trainable_parameters`` counts it: a bitsandbytes 4-bit weight holds
+    two values per byte of its storage."""
+    if type(param).__name__ == "Params4bit":
+        size = param.element_size() if hasattr(param, "element_size") else 1
+        return param.numel() * 2 * size
+    return param.numel()
+
+
+def summarize(model: nn.Module) -> Summary:
+    """The attached adapters and the trainable / all parameter counts, as peft counts them: every parameter of
+    the model once (tied ones once, adapters included), trainable when it requires grad."""
+    held = hosts(model)
+    adapters = []
+    for name in names_in(held):
+        modules, trainable, method = [], 0, ""
+        for path, _, host in held:
+            if name in host.names():
+                adapter = host.adapter(name)
+                method = method or adapter.spec.method
+                params = list(adapter.parameters())
+                modules.append((path, sum(p.numel() for p in params)))
+                trainable += sum(p.numel() for p in params if p.requires_grad)
+        adapters.append(AttachedAdapter(name, method, tuple(modules), trainable))
+    counted = [(_counted(p), p.requires_grad) for p in model.parameters()]
+    return Summary(tuple(adapters), sum(n for n, grad in counted if grad), sum(n for n, _ in counted))
+
+
+@overload
+def explain(model: nn.Module) -> Summary: ...
+
+
+@overload
+def explain(model: nn.Module, targets: Targets, spec: AdapterSpec | None = None) -> Plan: ...
+
+
+def explain(model: nn.Module, targets: Targets | None = None, spec: AdapterSpec | None = None) -> Plan | Summary:
+    """Dry run: list the modules ``targets`` select and, given a spec, the parameters it would add. With the model
+    alone: a ``Summary`` of the adapters attached (method, modules, parameters) ending in peft's
+    ``trainable params: X || all params: Y || trainable%: Z`` line."""
+    if targets is None and spec is None:
+        return summarize(model)
     rows = []
-    for path, module in select(model, targets):
+    for path, module in select(model, targets):  # type: ignore[arg-type]  # None: select's one-line error
         count = 0
         if spec is not None:
             spec.check_target(module, path)

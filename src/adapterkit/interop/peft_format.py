@@ -9,12 +9,18 @@ An import checks the whole folder before it changes the model: a missing or miss
 wrong type, a peft option adapterkit cannot reproduce is a one-line ``StateError`` naming the file. Our exports also
 carry, in the weights file's header, a sha256 of the tensors and the config values they were written with, so a
 flipped byte or a config left by an export killed between the two files is refused, not loaded as garbage.
+
+An export of a causal LM's adapter names ``task_type: CAUSAL_LM`` (``PeftModel.from_pretrained`` then builds a
+``PeftModelForCausalLM``, whose ``generate`` is the base model's), and warns, one ``VllmWarning`` line each, about
+what vLLM refuses or reads otherwise than peft (``vllm_notes``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,8 @@ _COMPUTES = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "
 _UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "target_parameters", "trainable_token_indices",
                 "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config",
                 "velora_config")
+# vLLM's --max-lora-rank: its default and the values it accepts (vllm/config/lora.py, ``MaxLoRARanks``)
+VLLM_DEFAULT_MAX_RANK, VLLM_MAX_RANKS = 16, (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)")
 
 
@@ -62,9 +70,56 @@ class _EachModule(AdapterSpec):
         return [spec.build(base) for spec, base in zip(self.specs, bases, strict=True)]
 
 
+class VllmWarning(UserWarning):
+    """An exported adapter that vLLM refuses, or that needs a vLLM option to load (see ``vllm_notes``)."""
+
+
+def is_causal_lm_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers causal LM, by the class-name rule of ``models.is_causal_lm``."""
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def vllm_notes(config: dict[str, Any]) -> list[str]:
+    """One line per thing vLLM refuses, or needs told, to serve the peft LoRA that ``config`` describes.
+
+    Checked against vLLM's code (vllm-project/vllm, vllm/lora/peft_helper.py ``PEFTHelper._validate_features`` /
+    ``validate_legal`` / ``__post_init__``, vllm/config/lora.py ``LoRAConfig``): it raises for DoRA ("vLLM does not
+    yet support DoRA.") and for any ``modules_to_save`` ("vLLM only supports modules_to_save being None."); it
+    raises when ``r`` exceeds ``--max-lora-rank`` (default 16, one of 1, 8, 16, 32, ..., 512); and ``PEFTHelper``
+    has no ``rank_pattern`` / ``alpha_pattern`` field, so it scales every module by ``lora_alpha / r`` (or
+    ``/ sqrt(r)`` with rsLoRA) of the config, whatever the patterns say. (``bias`` is always "none" here.)
+    """
+    notes = []
+    if config.get("use_dora"):
+        notes.append("vLLM refuses DoRA adapters (\"vLLM does not yet support DoRA\"); serve this one with peft or "
+                     "transformers, or merge it")
+    if config.get("modules_to_save"):
+        notes.append(f"vLLM refuses adapters with modules_to_save ({', '.join(config['modules_to_save'])}): it "
+                     "loads LoRA factors only; export without those modules, or merge")
+    rank = int(config["r"])
+    if rank > VLLM_DEFAULT_MAX_RANK:
+        flag = next(v for v in VLLM_MAX_RANKS if v >= rank) if rank <= VLLM_MAX_RANKS[-1] else None
+        notes.append(f"vLLM loads rank {rank} only with --max-lora-rank {flag} or more (its default is "
+                     f"{VLLM_DEFAULT_MAX_RANK})" if flag else
+                     f"vLLM refuses rank {rank}: its --max-lora-rank is at most {VLLM_MAX_RANKS[-1]}")
+
+    def scale(r: int, alpha: float) -> float:
+        return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    default = scale(rank, float(config["lora_alpha"]))
+    odd = [key for key in dict.fromkeys([*ranks, *alphas])
+           if not math.isclose(scale(ranks.get(key, rank), float(alphas.get(key, config["lora_alpha"]))), default)]
+    if odd:
+        notes.append(f"vLLM ignores rank_pattern / alpha_pattern and scales every module by lora_alpha/r = "
+                     f"{default:g}: {len(odd)} module(s) (first {odd[0]!r}) would be scaled wrongly there")
+    return notes
+
+
 def export_peft(model: nn.Module, name: str, out: str | Path, modules: tuple[str, ...] = (),
                 base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter ``name`` of ``model`` (and the named extra modules) in peft's LoRA format."""
+    """Write adapter ``name`` of ``model`` (and the named extra modules) in peft's LoRA format; warn
+    (``VllmWarning``, one line each) about what vLLM would refuse or read differently."""
     folder = Path(out)
     tensors: dict[str, torch.Tensor] = {}
     where = placements(model, name)
@@ -95,12 +150,15 @@ def export_peft(model: nn.Module, name: str, out: str | Path, modules: tuple[str
         "use_rslora": first.scaling == "rslora", "use_dora": isinstance(first, DoRA), "bias": "none",
         "target_modules": list(specs), "modules_to_save": sorted(set(modules)) or None,
         "fan_in_fan_out": any(is_conv1d(module) for _, module, _ in where),
-        "init_lora_weights": True, "inference_mode": True, "task_type": None,
+        "init_lora_weights": True, "inference_mode": True,
+        "task_type": "CAUSAL_LM" if is_causal_lm_model(model) else None,
         "base_model_name_or_path": base_model_name_or_path,
     }
     check = json.dumps({"tensors_sha256": tensors_sha256(tensors), **{k: config[k] for k in _COMPUTES}})
     atomic_write(folder / WEIGHTS, save_bytes(tensors, metadata={"format": "pt", _CHECKED: check}))
     atomic_write(folder / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    for note in vllm_notes(config):
+        warnings.warn(note, VllmWarning, stacklevel=2)
     return folder
 
 
