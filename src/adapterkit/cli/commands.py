@@ -149,18 +149,78 @@ def _logical_numel(tensor: Any) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from adapterkit.train.loop import check_writable
 
-    check_writable(Path(args.out))  # fail before loading anything
+    out = Path(args.out)
+    check_writable(out)  # fail before loading anything
     _, model, tokenizer = load_run(args.run, float_base=True)  # a QLoRA adapter merges into the float model
+    _untie_adapted_embeddings(model, "adapter")
     ak.merge(model, "adapter")
     ak.detach(model, "adapter", keep_merged=True)
-    out = Path(args.out)
+    _check_tied_head(model)
     try:
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        _save_merged(model, tokenizer, out)
     except OSError as exc:
         raise AdapterKitError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
     print(f"merged model written to {out} (loads with transformers alone)")
     return 0
+
+
+def _tied_embeddings(model: Any) -> tuple[Any, Any] | None:
+    """(input embeddings, output head) when the model ties the head's weight to the embeddings, else None."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not callable(get_in) or not callable(get_out):
+        return None
+    embeddings, head = get_in(), get_out()
+    if embeddings is None or head is None or getattr(head, "weight", None) is not getattr(embeddings, "weight", 1):
+        return None
+    return embeddings, head
+
+
+def _untie_adapted_embeddings(model: Any, name: str) -> None:
+    """Give the head its own copy of a tied weight when the adapter changes the embeddings or the head.
+
+    Merging into one of two tied modules would change the other too (the adapted model changes one only), and a
+    merged model saved with ``tie_word_embeddings`` true would have its head rebuilt from the embeddings on load.
+    So the head is untied first and the config says so: both weights are then saved and loaded separately. An
+    adapter that touches neither leaves them tied (saved once, tied again on load)."""
+    from torch import nn
+
+    from adapterkit.inject.engine import placements
+
+    tied = _tied_embeddings(model)
+    adapted = {id(module) for _, module, _ in placements(model, name)}
+    if tied is None or not adapted & {id(tied[0]), id(tied[1])}:
+        return
+    head = tied[1]
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    for config in (model.config, model.config.get_text_config()):
+        config.tie_word_embeddings = False
+
+
+def _check_tied_head(model: Any) -> None:
+    """A config that ties the head must hold a head that is the embeddings: else the saved head would be lost."""
+    config = model.config.get_text_config()
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if getattr(config, "tie_word_embeddings", False) and head is not None and _tied_embeddings(model) is None:
+        raise AdapterKitError("merge: the config ties the output head to the embeddings but the merged weights "
+                              "differ; refusing to write a model whose head would be rebuilt wrongly on load")
+
+
+def _save_merged(model: Any, tokenizer: Any, out: Path) -> None:
+    """The model (weights, config, generation config) and the tokenizer (with its chat template) into ``out``:
+    written into a temporary folder beside it first and moved in file by file (``os.replace``), so a killed merge
+    never leaves a half-written weights file under ``out``."""
+    import os
+    import shutil
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name or 'merged'}-", dir=out.resolve().parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for item in sorted(staging.iterdir()):
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -182,19 +242,31 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from adapterkit.interop.peft_format import export_peft
+    import sys
+    import warnings
+
+    from adapterkit.interop.peft_format import VllmWarning, export_peft
 
     record, model, _ = load_run(args.run)
     head = tuple(record["config"].get("head", []))
-    export_peft(model, "adapter", args.out, modules=head, base_model_name_or_path=record["model"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", VllmWarning)
+        export_peft(model, "adapter", args.out, modules=head, base_model_name_or_path=record["model"])
+    for each in caught:  # vLLM's limits: one line each on stderr; other warnings go on as they came
+        if issubclass(each.category, VllmWarning):
+            print(f"warning: {each.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(each.message, each.category, each.filename, each.lineno)
     print(f"peft-format adapter written to {args.out}")
     return 0
 
 
 def cmd_import_(args: argparse.Namespace) -> int:
     from adapterkit.interop.peft_format import import_peft
+    from adapterkit.models import load_pretrained
 
-    model, _ = load_classifier(args.model or default_model_dir(), args.num_labels)
+    # the task follows the model: a causal LM loads as one (its LoRA keys name model.layers..., not a classifier's)
+    model, _ = load_pretrained(args.model or default_model_dir(), task="auto", num_labels=args.num_labels)
     import_peft(model, args.peft_dir, name="adapter")
     config = json.loads(Path(args.peft_dir, "adapter_config.json").read_text())
     ak.save(model, args.out, "adapter", modules=tuple(config.get("modules_to_save") or ()))
