@@ -1,8 +1,7 @@
 """The server as the official ``openai`` Python client sees it (a real uvicorn server at 127.0.0.1): completions for
 several adapters at once, equal to each request served alone, and the error cases as the client's typed errors.
 
-The server has no chat endpoint and no streaming: the client gets a NotFoundError and a BadRequestError for them.
-The client retries 409s and 5xx answers by default; the server marks the ones a retry cannot fix (409, 500) with
+Chat, streaming and sampling are tested in test_openai_generation.py. The client retries 409s and 5xx answers by default; the server marks the ones a retry cannot fix (409, 500) with
 ``x-should-retry: false``, so each is sent once.
 """
 
@@ -85,15 +84,14 @@ def test_errors_arrive_as_the_clients_typed_errors(lm) -> None:
             lambda: create(model="ad0", prompt="a", max_tokens=8.0))
     _raises(openai.BadRequestError, 400, ("max_tokens: at most 8",), lambda: create(model="ad0", prompt="a",
                                                                                      max_tokens=9))
-    _raises(openai.BadRequestError, 400, ("temperature", "greedy"),
-            lambda: create(model="ad0", prompt="a", temperature=0.7))
-    _raises(openai.BadRequestError, 400, ("stream", "not supported"),
-            lambda: create(model="ad0", prompt="a", stream=True))
-    _raises(openai.BadRequestError, 400, ("top_p", "unknown field"), lambda: create(model="ad0", prompt="a", top_p=1))
+    _raises(openai.BadRequestError, 400, ("temperature", "less than or equal to 2"),
+            lambda: create(model="ad0", prompt="a", temperature=2.5))
+    _raises(openai.BadRequestError, 400, ("best_of", "unknown field"),
+            lambda: create(model="ad0", prompt="a", best_of=2))
     _raises(openai.BadRequestError, 400, ("invalid",), lambda: create(model="../ad0", prompt="a"))
     _raises(openai.NotFoundError, 404, ("'nope' is not loaded",), lambda: create(model="nope", prompt="a"))
-    _raises(openai.NotFoundError, 404, ("POST /v1/chat/completions", "no such endpoint"),
-            lambda: client.chat.completions.create(model="ad0", messages=[{"role": "user", "content": "hi"}]))
+    _raises(openai.NotFoundError, 404, ("POST /v1/embeddings", "no such endpoint"),
+            lambda: client.embeddings.create(model="ad0", input="hi"))
     _raises(openai.APIStatusError, 413, ("13 items", "the queue holds at most 12"),
             lambda: create(model="ad0", prompt=["a"] * 13))
     _raises(openai.NotFoundError, 404, ("no such adapter folder",),

@@ -134,8 +134,9 @@ def test_bad_requests_get_4xx_with_json_errors(lm) -> None:
     _error(_post(url, json={"model": "ad0", "prompt": "a", "max_tokens": "many"}), 400, "max_tokens")
     _error(_post(url, json={"model": "ad0", "prompt": "a", "top_k": 5}), 400, "top_k")
     _error(_post(url, json={"model": "ad0", "prompt": "a", "max_tokens": 13}), 400, "at most 12")
-    _error(_post(url, json={"model": "ad0", "prompt": "a", "temperature": 0.7}), 400, "greedy")
-    _error(_post(url, json={"model": "ad0", "prompt": "a", "stream": True}), 400, "stream")
+    _error(_post(url, json={"model": "ad0", "prompt": "a", "temperature": -0.5}), 400, "temperature")
+    _error(_post(url, json={"model": "ad0", "prompt": "a", "stream_options": {"include_usage": True}}), 400,
+           "stream_options", "stream=true")
     # oversized: too many tokens, too large a body, too many prompts in one request (413, as documented)
     _error(_post(url, json={"model": "ad0", "prompt": "cat " * 41}), 413, "41 tokens", "at most 40")
     _error(_post(url, json={"model": "ad0", "prompt": "x" * 5000}), 413, "exceeds the limit of 4096")

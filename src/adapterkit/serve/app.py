@@ -2,18 +2,25 @@
 
 Endpoints (JSON in and out; every error is ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status):
 
-* ``POST /v1/completions`` -- OpenAI-style completions for a causal LM; ``model`` names the adapter ("base": none)
+* ``POST /v1/completions``, ``POST /v1/chat/completions`` -- OpenAI's completions and chat completions for a
+  causal LM (serve/generate_api.py): ``model`` names the adapter ("base": none); temperature (0: greedy), top_p,
+  seed, stop, max_tokens, usage; ``stream: true`` answers server-sent events. Rows are batched continuously (they
+  join and leave the running batch at every decode step: serve/scheduler.py) or per request (``batching``)
 * ``POST /v1/classify``    -- ``{"model": adapter, "input": str | [str]}`` -> label and probabilities per input
-* ``GET /v1/adapters``     -- loaded adapters (and the folders that could be loaded); ``GET /v1/models`` too
+* ``GET /v1/models``       -- OpenAI's model list: "base" and every loaded adapter (``GET /v1/adapters`` too,
+  with the folders that could be loaded)
 * ``POST /v1/adapters``    -- ``{"name": N}`` loads ``<adapters dir>/N``; ``DELETE /v1/adapters/N`` unloads it;
   ``{"name": N, "combine": {"sources", "weights", "how", ...}}`` builds N from loaded adapters (serve/recipes.py)
 * ``GET /health``, ``GET /metrics`` (Prometheus text)
 
 Status codes: 400 malformed JSON, a field of the wrong type or value, an invalid adapter name or a bad adapter
-folder; 404 an unknown adapter or a missing adapter folder; 409 an adapter name that is loaded already; 413 a body
-over ``max_body_bytes``, an input over ``max_input_tokens`` tokens, or more inputs in one request than ``max_batch``
-or ``max_queue`` allow (it could never run); 503 the queue is full for now (with ``Retry-After``); 504 the request's
-rows did not finish within ``timeout_s``; 500 only for a fault of the server's own, logged with its traceback.
+folder, a chat message with a wrong role or no string content, a conversation the chat template refuses or a model
+without one, a prompt longer than the model's context or prompt + max_tokens past it, max_tokens over the limit;
+404 an unknown adapter or a missing adapter folder; 409 an adapter name that is loaded already; 413 a body over
+``max_body_bytes``, an input over ``max_input_tokens`` tokens, or more inputs in one request than ``max_batch`` or
+``max_queue`` allow (it could never run); 503 the queue is full for now (with ``Retry-After``); 504 the request's
+rows did not finish within ``timeout_s`` (a stream that has begun ends with one ``{"error": ...}`` event instead);
+500 only for a fault of the server's own, logged with its traceback.
 Every answer, errors included, is counted in /metrics and keeps the connection open (but a 413 cut short while the
 body streams: the rest of it is never read).
 """
@@ -23,9 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,45 +40,51 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.serve.batcher import Batcher, QueueFullError, TooManyRowsError
+from adapterkit.serve.decode import Decoder
+from adapterkit.serve.generate_api import add_generation_routes
 from adapterkit.serve.guard import Guard, error_body
+from adapterkit.serve.limits import ServeConfig, adapter_of, bounded, check_length, usage
 from adapterkit.serve.metrics import Metrics
 from adapterkit.serve.recipes import add_combined, parse_recipe
-from adapterkit.serve.requests import ApiError, ClassifyRequest, CompletionRequest, LoadRequest, parse
-from adapterkit.serve.runners import Row
+from adapterkit.serve.requests import ApiError, ClassifyRequest, LoadRequest, parse
+from adapterkit.serve.rows import Row
+from adapterkit.serve.scheduler import RequestLevel, Scheduler
 from adapterkit.serve.store import BASE_NAME, AdapterStore, AlreadyLoadedError, NotFoundError, check_name
+
+__all__ = ["RETRY_AFTER_S", "ServeConfig", "create_app"]
 
 RETRY_AFTER_S = 1  # what a 503 asks the client to wait: a batch takes milliseconds to a few seconds
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    """Limits and batching options of one server."""
-
-    max_batch: int = 16  # rows per model call
-    max_wait_ms: float = 5.0  # how long the oldest row waits for others to join its batch
-    max_queue: int = 256  # rows waiting; more answers 503
-    timeout_s: float = 60.0  # per request; later answers 504
-    max_input_tokens: int = 512  # per prompt / input text; more answers 413
-    max_tokens: int = 256  # largest ``max_tokens`` a completion may ask for
-    max_body_bytes: int = 1 << 20  # request body; more answers 413
-
-
-def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConfig(),
+def create_app(runner: Any, store: AdapterStore, config: ServeConfig | None = None,
                max_positions: int | None = None) -> FastAPI:
-    """The app serving ``runner`` (a CompletionRunner or ClassifyRunner) over ``store``."""
+    """The app serving ``runner`` (a CompletionRunner or ClassifyRunner) over ``store``.
+
+    ``app.state.batcher`` runs the rows: a Scheduler (continuous batching of a causal LM), else a Batcher.
+    """
+    config = config or ServeConfig()
     metrics = Metrics({
         "adapterkit_queue_depth": ("Rows waiting for a batch.", lambda: batcher.depth),
         "adapterkit_adapters_loaded": ("Adapters held in host memory.", lambda: len(store.entries)),
         "adapterkit_adapters_resident": ("Adapters attached to the model.", lambda: len(store.resident)),
     })
-    batcher = Batcher(runner, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000,
-                      max_queue=config.max_queue, max_adapters=store.max_resident, on_batch=metrics.batch)
+    limits: dict[str, Any] = {"max_batch": config.max_batch, "max_wait_s": config.max_wait_ms / 1000,
+                              "max_queue": config.max_queue, "max_adapters": store.max_resident,
+                              "on_batch": metrics.batch}
+    batcher: Any
+    if runner.kind == "completions" and config.batching == "continuous":
+        batcher = Scheduler(Decoder(runner.model, runner.tokenizer, store), **limits)
+        generation: Any = batcher
+    else:
+        batcher = Batcher(runner, **limits)
+        generation = RequestLevel(batcher)
+    started = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await batcher.start()
+        await generation.start()
         yield
-        await batcher.stop()
+        await generation.stop()
 
     app = FastAPI(title="adapterkit serve", lifespan=lifespan)
     app.state.batcher, app.state.store, app.state.runner, app.state.metrics = batcher, store, runner, metrics
@@ -108,8 +119,8 @@ def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConf
     @app.get("/v1/adapters")
     @app.get("/v1/models")
     async def list_adapters() -> dict[str, Any]:
-        loaded = store.describe()
-        rows = [{"id": BASE_NAME, "object": "model", "method": None, "resident": True}, *loaded]
+        rows = [{"id": BASE_NAME, "method": None, "resident": True}, *store.describe()]
+        rows = [{**row, "object": "model", "created": started, "owned_by": "adapterkit"} for row in rows]
         return {"object": "list", "data": rows,
                 "available": [n for n in store.available() if n not in store.entries]}
 
@@ -129,53 +140,25 @@ def create_app(runner: Any, store: AdapterStore, config: ServeConfig = ServeConf
         await asyncio.to_thread(store.remove, check_name(name))
         return {"unloaded": name, "adapters": len(store.entries)}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> dict[str, Any]:
-        if runner.kind != "completions":
-            raise ApiError(400, "this server runs a classification model: use POST /v1/classify")
-        body = await parse(request, CompletionRequest, config.max_body_bytes)
-        if body.stream:
-            raise ApiError(400, "stream: streaming is not supported; send stream=false")
-        if body.temperature not in (None, 0.0):
-            raise ApiError(400, f"temperature: only greedy decoding (0) is served, got {body.temperature}")
-        max_tokens = body.max_tokens if body.max_tokens is not None else min(16, config.max_tokens)
-        if max_tokens > config.max_tokens:
-            raise ApiError(400, f"max_tokens: at most {config.max_tokens}, got {max_tokens}")
-        adapter = _adapter(body.model, store)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        rows = []
-        for index, prompt in enumerate(_bounded(prompts, "prompt", config)):
-            ids = runner.encode(prompt)
-            _check_length(ids, f"prompt[{index}]" if len(prompts) > 1 else "prompt", config)
-            if max_positions is not None and len(ids) + max_tokens > max_positions:
-                raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                    f"model's context of {max_positions} tokens")
-            rows.append((adapter, Row(adapter, ids, max_tokens)))
-        results = await _run(batcher, rows, config)
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model,
-                "choices": [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
-                            for i, r in enumerate(results)],
-                "usage": _usage(sum(r["prompt_tokens"] for r in results),
-                                sum(r["completion_tokens"] for r in results))}
+    add_generation_routes(app, runner, store, generation, config, max_positions, _status_of)
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> dict[str, Any]:
         if runner.kind != "classify":
             raise ApiError(400, "this server runs a causal LM: use POST /v1/completions")
         body = await parse(request, ClassifyRequest, config.max_body_bytes)
-        adapter = _adapter(body.model, store)
+        adapter = adapter_of(body.model, store)
         texts = [body.input] if isinstance(body.input, str) else body.input
         rows = []
-        for index, text in enumerate(_bounded(texts, "input", config)):
+        for index, text in enumerate(bounded(texts, "input", config)):
             ids = runner.encode(text)
-            _check_length(ids, f"input[{index}]" if len(texts) > 1 else "input", config, max_positions)
+            check_length(ids, f"input[{index}]" if len(texts) > 1 else "input", config, max_positions)
             rows.append((adapter, Row(adapter, ids)))
         results = await _run(batcher, rows, config)
         return {"object": "list", "model": body.model,
                 "data": [{"index": i, "label": r["label"], "probabilities": r["probabilities"]}
                          for i, r in enumerate(results)],
-                "usage": _usage(sum(r["prompt_tokens"] for r in results), 0)}
+                "usage": usage(sum(r["prompt_tokens"] for r in results), 0)}
 
     return app
 
@@ -201,32 +184,6 @@ def _status_of(exc: AdapterKitError) -> tuple[int, str, str]:
     return 400, str(exc), "invalid_request_error"  # bad names, unreadable adapter folders, bad options
 
 
-def _adapter(name: str, store: AdapterStore) -> str | None:
-    if name == BASE_NAME:
-        return None
-    store.get(check_name(name))  # 400 for a bad name, 404 for an unknown one
-    return name
-
-
-def _bounded(items: list[str], what: str, config: ServeConfig) -> list[str]:
-    if not items:
-        raise ApiError(400, f"{what}: empty list")
-    if len(items) > config.max_batch:
-        raise ApiError(413, f"{what}: {len(items)} items in one request; at most {config.max_batch}")
-    if len(items) > config.max_queue:  # it could never be queued whole: a 503 would ask for retries forever
-        raise ApiError(413, f"{what}: {len(items)} items in one request; the queue holds at most "
-                            f"{config.max_queue} rows")
-    return items
-
-
-def _check_length(ids: tuple[int, ...], what: str, config: ServeConfig, positions: int | None = None) -> None:
-    if not ids:
-        raise ApiError(400, f"{what}: empty (no tokens)")
-    limit = min(config.max_input_tokens, positions or config.max_input_tokens)  # a classifier sees no more
-    if len(ids) > limit:
-        raise ApiError(413, f"{what}: {len(ids)} tokens; this server takes at most {limit}")
-
-
 async def _run(batcher: Batcher, rows: list[tuple[str | None, Row]], config: ServeConfig) -> list[Any]:
     futures = batcher.submit(rows)
     try:
@@ -235,7 +192,3 @@ async def _run(batcher: Batcher, rows: list[tuple[str | None, Row]], config: Ser
         for future in futures:
             future.cancel()  # rows not started yet are skipped by the batcher
         raise ApiError(504, f"request timed out after {config.timeout_s:g} s", "timeout") from None
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

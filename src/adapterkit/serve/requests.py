@@ -30,17 +30,40 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
 
 
-class CompletionRequest(BaseModel):
-    """The OpenAI completions fields this server honours; others are refused, not silently ignored."""
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
+    model_config = _STRICT
+    include_usage: bool = False
+
+
+class _Generation(BaseModel):
+    """The sampling fields completions and chat share."""
 
     model_config = _STRICT
     model: str
-    prompt: str | list[str]
     max_tokens: int | None = Field(default=None, ge=1, description="default: 16, or the server's limit if lower")
-    temperature: float | None = Field(default=None, description="only 0 (greedy) is served")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 (the default): greedy")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
+
+
+class CompletionRequest(_Generation):
+    """The OpenAI completions fields this server honours; others are refused, not silently ignored."""
+
+    prompt: str | list[str]
+
+
+class ChatRequest(_Generation):
+    """The OpenAI chat-completions fields this server honours (messages are checked by serve/chat.py)."""
+
+    messages: list[Any]
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="the newer name of max_tokens")
 
 
 class ClassifyRequest(BaseModel):

@@ -18,43 +18,45 @@ from adapterkit.serve.store import AdapterStore
 TASKS = ("auto", "completions", "classify")
 
 
-def model_task(model_dir: str | Path) -> str:
-    """"completions" for a causal LM folder (its config names a *ForCausalLM / *LMHeadModel), else "classify"."""
-    config = Path(model_dir, "config.json")
-    if not config.is_file():
-        raise AdapterKitError(f"--model {model_dir}: not a Hugging Face model folder (no config.json)")
-    try:
-        architectures = json.loads(config.read_text()).get("architectures") or []
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterKitError(f"{config}: invalid JSON ({exc})") from None
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    return "completions" if causal else "classify"
-
-
-def load_model(model_dir: str | Path, task: str = "auto", device: str = "cpu") -> tuple[str, Any, Any]:
-    """(task, model in eval mode on ``device``, tokenizer) from a local model folder."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging
+def load_model(model: str | Path, task: str = "auto", device: str = "cpu") -> tuple[str, Any, Any]:
+    """(task, model in eval mode on ``device``, tokenizer) for a known model name (``smollm2``), a Hugging Face
+    model folder or a ``.gguf`` file, through ``adapterkit.models.load_pretrained``. The task follows the model
+    ("completions" for a causal LM, else "classify") unless given."""
+    from adapterkit.models import is_causal_lm, load_pretrained, resolve
 
     if task not in TASKS:
         raise AdapterKitError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    task = model_task(model_dir) if task == "auto" else task
-    logging.set_verbosity_error()  # a base folder without a head gets a fresh one; each adapter brings its own
-    cls = AutoModelForCausalLM if task == "completions" else AutoModelForSequenceClassification
     try:
-        model: Any = cls.from_pretrained(str(model_dir))
-        model = model.to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise AdapterKitError(f"--model {model_dir}: cannot load ({str(exc).splitlines()[0]})") from None
-    if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers ship without one
-        tokenizer.pad_token = tokenizer.eos_token
-    return task, model, tokenizer
+        folder = resolve(model)
+    except AdapterKitError as exc:
+        raise type(exc)(f"--model {exc}") from None
+    if task == "auto":
+        task = "completions" if is_causal_lm(folder) else "classify"
+    # a classifier keeps the head its config describes; a base folder without one gets a fresh head (each adapter
+    # brings its own), which load_pretrained keeps quiet about
+    loaded, tokenizer = load_pretrained(model, task="causal-lm" if task == "completions" else "classify",
+                                        num_labels=_labels_of(folder))
+    try:
+        loaded = loaded.to(device).eval()
+    except (RuntimeError, ValueError) as exc:
+        raise AdapterKitError(f"--device {device}: cannot move the model there ({str(exc).splitlines()[0]})") \
+            from None
+    return task, loaded, tokenizer
+
+
+def _labels_of(folder: Path) -> int:
+    try:
+        config = json.loads(Path(folder, "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterKitError(f"--model {folder}/config.json: unreadable ({exc})") from None
+    labels = config.get("id2label") if isinstance(config, dict) else None
+    return len(labels) if isinstance(labels, dict) and labels else 2
 
 
 def build_app(model_dir: str | Path, adapters_dir: str | Path | None, task: str = "auto", device: str = "cpu",
               max_resident: int = 8, config: Any = None) -> Any:
-    """The FastAPI app for a model folder and an adapters folder (every adapter in it is loaded at start)."""
+    """The FastAPI app for a model (a known name, a folder or a .gguf) and an adapters folder (every adapter in it
+    is loaded at start)."""
     from adapterkit.serve.app import ServeConfig, create_app
     from adapterkit.serve.runners import ClassifyRunner, CompletionRunner
 
