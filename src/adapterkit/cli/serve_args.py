@@ -10,10 +10,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="HTTP server: many adapters on one model, requests batched together",
                            description="Serve a model and every adapter folder under --adapters over HTTP "
                                        "(needs the serve extra: pip install 'adapterkit[serve]'). Causal LMs get "
-                                       "POST /v1/completions (OpenAI-style; the request's model field names the "
-                                       "adapter, 'base' for none), classifiers POST /v1/classify; also "
-                                       "GET/POST /v1/adapters, DELETE /v1/adapters/NAME, /health, /metrics.")
-    serve.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model folder (with tokenizer)")
+                                       "OpenAI's POST /v1/completions and POST /v1/chat/completions (the request's "
+                                       "model field names the adapter, 'base' for none; temperature, top_p, seed, "
+                                       "stop, stream), batched continuously; classifiers POST /v1/classify; also "
+                                       "GET /v1/models, GET/POST /v1/adapters, DELETE /v1/adapters/NAME, /health, "
+                                       "/metrics.")
+    serve.add_argument("--model", required=True, metavar="MODEL",
+                       help="a known model name (e.g. smollm2), a Hugging Face model folder (with tokenizer) or a "
+                            ".gguf file")
     serve.add_argument("--adapters", default=None, metavar="DIR",
                        help="folder of adapter folders (ak.save) or run folders (adapterkit train); the folder "
                             "name is the adapter's name")
@@ -26,9 +30,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="torch intra-op threads (default: torch's, one per core); on cores that other processes "
                             "share, fewer threads answer faster")
     group = serve.add_argument_group("batching and limits")
-    group.add_argument("--max-batch", type=int, default=16, metavar="N", help="rows per model call (default 16)")
+    group.add_argument("--batching", choices=["continuous", "request"], default="continuous",
+                       help="causal LMs: continuous (requests join and leave the running batch at every decode "
+                            "step; the default) or request (a batch runs to its longest request before the next "
+                            "forms)")
+    group.add_argument("--max-batch", type=int, default=16, metavar="N",
+                       help="rows per model call (the running batch, for continuous batching; default 16)")
     group.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
-                       help="how long a row waits for others to join its batch (default 5)")
+                       help="how long a row waits for others to join its batch while none runs (default 5)")
     group.add_argument("--max-queue", type=int, default=256, metavar="N",
                        help="rows waiting at most; beyond it requests get 503 (default 256)")
     group.add_argument("--timeout-s", type=float, default=60.0, metavar="S",

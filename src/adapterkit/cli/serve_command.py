@@ -27,7 +27,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise AdapterKitError(f"serve needs fastapi and uvicorn ({exc.name} is missing): "
                               "pip install 'adapterkit[serve]'") from None
     config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                         timeout_s=args.timeout_s, max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens)
+                         timeout_s=args.timeout_s, max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens,
+                         batching=args.batching)
     serve(args.model, args.adapters, host=args.host, port=args.port, task=args.task, device=args.device,
           max_resident=args.max_resident, config=config, threads=args.threads)
     return 0
