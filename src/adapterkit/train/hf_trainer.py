@@ -15,6 +15,11 @@ before any callback runs. So those three methods are overridden, in a mixin that
 
     class AdapterSFTTrainer(AdapterTrainerMixin, trl.SFTTrainer): ...
 
+Causal LMs train the same way (tests/train/test_hf_trainer_llm.py: SmolLM2 with ``Trainer`` and with TRL's
+``SFTTrainer``). TRL's ``SFTConfig`` defaults to ``bf16=True``; accelerate then replaces the model's ``forward`` with
+an autocast one (``Accelerator.prepare_model``) that stays after training, so outputs compared with a fresh model
+differ by bf16 rounding: pass ``bf16=False`` where they must match exactly.
+
 Layout: one adapter is saved straight into the checkpoint folder (``ak.load(model, "out/checkpoint-500")``
 works); several go to one sub-folder each, named after the adapter. A checkpoint without ``adapter.json`` (written
 by a plain Trainer) is loaded the Trainer's way. Single process and DDP (``torchrun``); FSDP and DeepSpeed, whose
