@@ -147,3 +147,23 @@ def test_export_warns_on_stderr_about_what_vllm_refuses(tied_llama_dir, tmp_path
     assert main(["export", str(run), "--out", str(tmp_path / "peft")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: vLLM refuses DoRA adapters")
+
+
+def test_combine_and_convert_load_causal_lm_runs_as_causal_lms(tied_llama_dir, tmp_path, capsys) -> None:
+    from adapterkit.models import load_pretrained
+
+    runs = []
+    for seed in (1, 2):
+        model, _ = load_pretrained(tied_llama_dir)
+        ak.attach(model, "adapter", ak.LoRA(r=2, alpha=4), ["q_proj", "v_proj"])
+        randomize(model, "adapter", seed=seed)
+        runs.append(str(write_run(tmp_path / f"run{seed}", model, tied_llama_dir, ak.LoRA(r=2, alpha=4),
+                                  ["q_proj", "v_proj"])))
+    assert main(["combine", *runs, "--how", "linear", "--out", str(tmp_path / "sum")]) == 0
+    assert main(["convert", str(tmp_path / "sum"), "--model", tied_llama_dir, "-r", "2",
+                 "--out", str(tmp_path / "r2")]) == 0
+    assert "rank-2 LoRA" in capsys.readouterr().out
+    for folder in ("sum", "r2"):  # both load onto the causal LM they were made on (its fingerprint checked)
+        model, _ = load_pretrained(tied_llama_dir)
+        ak.load(model, tmp_path / folder)
+        assert type(model).__name__ == "LlamaForCausalLM"

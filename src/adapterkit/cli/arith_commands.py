@@ -84,7 +84,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _load_source(args: argparse.Namespace) -> tuple[Any, str, tuple[str, ...]]:
     """(model with the adapter loaded, the adapter's name, the modules saved beside it)."""
     import adapterkit as ak
-    from adapterkit.cli.common import load_classifier, load_run
+    from adapterkit.cli.common import load_run
+    from adapterkit.models import load_pretrained
 
     folder = Path(args.source)
     if (folder / "run.json").is_file():
@@ -97,7 +98,7 @@ def _load_source(args: argparse.Namespace) -> tuple[Any, str, tuple[str, ...]]:
         raise AdapterKitError(f"{folder}: neither a run folder (run.json) nor an adapter folder (adapter.json)")
     if args.model is None:
         raise AdapterKitError(f"{folder} is an adapter folder: pass --model DIR, the base model it was trained on")
-    model, _ = load_classifier(args.model, args.num_labels)
+    model, _ = load_pretrained(args.model, task="auto", num_labels=args.num_labels)  # a causal LM loads as one
     record, _ = ak.read(folder)
     name = ak.load(model, folder)
     return model, name, tuple(record.get("modules") or ())
@@ -154,7 +155,13 @@ def cmd_combine(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_writable(out)
     first = records[0]
-    model, _ = load_classifier(first["model"], len(first["labels"]), where=f"{Path(args.runs[0], 'run.json')}: model")
+    where = f"{Path(args.runs[0], 'run.json')}: model"
+    if first.get("task") == "causal-lm":  # a causal-LM run records no labels: its model loads as one
+        from adapterkit.models import load_pretrained
+
+        model, _ = load_pretrained(first["model"], task="causal-lm", where=where)
+    else:
+        model, _ = load_classifier(first["model"], len(first["labels"]), where=where)
     names = [f"run{i}" for i in range(len(args.runs))]
     # each load also copies its run's head into the model: loading the first run last leaves its head there
     for run, name in reversed(list(zip(args.runs, names, strict=True))):
