@@ -100,9 +100,7 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
 
     plan = ak.explain(model, chosen, spec)
     print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(chosen)}): {plan.adapter_params:,} adapter "
-          f"parameters; {len(train)} train / {len(dev)} dev examples"
-          + (f", {train.truncated + dev.truncated} cut to --max-length {config.max_length}"
-             if train.truncated + dev.truncated else ""))
+          f"parameters; {len(train)} train / {len(dev)} dev examples{_cuts(train, dev, config.max_length)}")
     samples = sample_prompts(tokenizer, conversations, config.samples)
     metrics = fit_sft(model, tokenizer, spec, chosen, train, dev, config, out, record, samples=samples,
                       on_epoch=on_epoch, resume=args.resume)
@@ -111,6 +109,15 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
           f"{100 * metrics['padding_share']:.1f}%  trainable parameters {metrics['trainable_parameters']:,}  "
           f"{metrics['train_seconds']:.0f} s  ->  {out}")
     return 0
+
+
+def _cuts(train: Any, dev: Any, max_length: int) -> str:
+    """What --max-length did to the data, for the summary line."""
+    cut, dropped = train.truncated + dev.truncated, train.dropped + dev.dropped
+    if not cut:
+        return ""
+    left_out = f", {len(dropped)} of them left out (no answer token left; first: {dropped[0]})" if dropped else ""
+    return f"; {cut} cut to --max-length {max_length}{left_out}"
 
 
 def _instructions(train_path: str, dev_path: str | None, tokenizer: Any, model: Any, config: Any
@@ -141,22 +148,26 @@ def _classification(args: argparse.Namespace, record: dict[str, Any], tokenizer:
                     ) -> tuple[Any, Any, list[Any], Any]:
     """Generative classification of a labelled table: tokenised train / dev, dev conversations, epoch hook."""
     from adapterkit.train import gen_classify
-    from adapterkit.train.data import read_table
+    from adapterkit.train.data import read_rows, read_table
     from adapterkit.train.sft_data import render
 
     if args.pair_column:
         raise AdapterKitError("--pair-column: generative classification takes single texts")
     train_table, labels = read_table(record["train_file"], args.text_column, args.label_column)
+    lines = [row.line for row in read_rows(record["train_file"])]  # for errors that name file:line
+    dev_lines = None
     if record["dev_file"]:
         dev_table, _ = read_table(record["dev_file"], args.text_column, args.label_column, label_names=labels)
+        dev_lines = [row.line for row in read_rows(record["dev_file"])]
     else:
         train_table, dev_table = _table_split(train_table, config.seed)
+        lines = []  # split rows: numbered within the split
     task = gen_classify.Task(args.prompt or gen_classify.DEFAULT_PROMPT, gen_classify.label_words(labels,
                                                                                                   args.label_words))
     record.update({"labels": labels, "label_words": task.words, "prompt": task.prompt,
                    "columns": {"text": args.text_column, "label": args.label_column}})
-    train_convs = gen_classify.conversations(task, train_table, record["train_file"])
-    dev_convs = gen_classify.conversations(task, dev_table, record["dev_file"] or record["train_file"])
+    train_convs = gen_classify.conversations(task, train_table, record["train_file"], lines)
+    dev_convs = gen_classify.conversations(task, dev_table, record["dev_file"] or record["train_file"], dev_lines)
     train = render(tokenizer, train_convs, config.max_length, model.config)
     dev = render(tokenizer, dev_convs, config.max_length, model.config)
 

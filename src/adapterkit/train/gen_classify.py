@@ -63,12 +63,14 @@ def label_words(labels: list[str], given: str | None) -> list[str]:
     return list(labels)
 
 
-def conversations(task: Task, table: TextTable, where: str) -> list[Conversation]:
-    """Every row of ``table`` as a training conversation (``where``: the file, for errors)."""
+def conversations(task: Task, table: TextTable, where: str, lines: list[int] | None = None) -> list[Conversation]:
+    """Every row of ``table`` as a training conversation; errors name ``where`` (the file) and the row's line
+    (``lines``, as read_rows numbers them) or its row number."""
     if table.pairs is not None:
         raise AdapterKitError("generative classification takes single texts; --pair-column is not supported")
-    return [task.conversation(text, label, f"{where}: row {i + 1}") for i, (text, label) in
-            enumerate(zip(table.texts, table.labels))]
+    spots = [f"{where}:{line}" for line in lines] if lines else [f"{where}: row {i + 1}" for i in
+                                                                  range(len(table.texts))]
+    return [task.conversation(text, label, spot) for text, label, spot in zip(table.texts, table.labels, spots)]
 
 
 def _answers(tokenizer: Any, task: Task) -> list[list[int]]:

@@ -306,6 +306,7 @@ def fit_sft(model: nn.Module, tokenizer: Any, spec: AdapterSpec, targets: Any, t
         "train_examples": len(train),
         "dev_examples": len(dev),
         "truncated_examples": train.truncated + dev.truncated,
+        "dropped_examples": len(train.dropped) + len(dev.dropped),
         "padding_share": round(1 - stats["real_tokens"] / max(stats["slots"], 1), 4),
         "trained_tokens": stats["real_tokens"],
         "label_tokens": stats["label_tokens"],

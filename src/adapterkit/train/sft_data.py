@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ class Tokenized:
     labels: list[list[int]]
     where: list[str]
     truncated: int = 0  # examples cut to max_length
+    dropped: list[str] = field(default_factory=list)  # where the examples are that the cut left without an answer
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -192,9 +193,14 @@ def model_limit(tokenizer: Any, model_config: Any = None) -> tuple[int, str]:
 
 def render(tokenizer: Any, conversations: list[Conversation], max_length: int, model_config: Any = None,
            ) -> Tokenized:
-    """Token ids and assistant-only labels of every conversation, cut to ``max_length`` tokens."""
+    """Token ids and assistant-only labels of every conversation, cut to ``max_length`` tokens.
+
+    An example whose prompt alone fills ``max_length`` has nothing left to learn from: it is left out and listed in
+    ``dropped``; if that leaves no example, the data is refused.
+    """
     limit, source = model_limit(tokenizer, model_config)
     out = Tokenized([], [], [])
+    first_cut = ""
     for conv in conversations:
         ids, spans = assistant_spans(tokenizer, conv)
         if len(ids) > limit:
@@ -207,11 +213,15 @@ def render(tokenizer: Any, conversations: list[Conversation], max_length: int, m
             ids, labels = ids[:max_length], labels[:max_length]
             out.truncated += 1
             if all(label == IGNORE for label in labels):
-                raise DataError(f"{conv.where}: cutting it to --max-length {max_length} tokens leaves no assistant "
-                                f"token (its first answer starts at token {spans[0][0]}); raise --max-length")
+                out.dropped.append(conv.where)
+                first_cut = first_cut or f"{conv.where}'s first answer starts at token {spans[0][0]}"
+                continue
         out.ids.append(ids)
         out.labels.append(labels)
         out.where.append(conv.where)
+    if not out.ids:
+        raise DataError(f"cutting the examples to --max-length {max_length} tokens leaves none with an assistant token "
+                        f"({first_cut}); raise --max-length")
     return out
 
 
