@@ -1,8 +1,9 @@
 """The server as the official ``openai`` Python client sees it (a real uvicorn server at 127.0.0.1): completions for
 several adapters at once, equal to each request served alone, and the error cases as the client's typed errors.
 
-Chat, streaming and sampling are tested in test_openai_generation.py. The client retries 409s and 5xx answers by default; the server marks the ones a retry cannot fix (409, 500) with
-``x-should-retry: false``, so each is sent once.
+Chat, streaming and sampling are tested in test_openai_generation.py. The client retries 409s and 5xx answers by
+default; the server marks the ones a retry cannot fix (409, 500) with ``x-should-retry: false``, so each is sent
+once.
 """
 
 from __future__ import annotations
