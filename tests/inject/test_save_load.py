@@ -173,3 +173,15 @@ def test_a_bad_saved_module_changes_no_module_of_the_model(tmp_path) -> None:
         ak.load(fresh, tmp_path / "ad")
     after = fresh.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_base_tensor_over_2_24_values_fingerprints_and_round_trips(tmp_path) -> None:
+    # SmolLM2's tied embedding has 28.3M values: float32 positions past 2**24 once rounded out of the tensor
+    from torch import nn
+
+    model = nn.Sequential(nn.Embedding((1 << 24) + 5, 1))
+    ak.attach(model, "big", ak.LoRA(r=1), targets=["0"])  # crashed (IndexError) before
+    ak.save(model, tmp_path / "big", "big")
+    ak.detach(model, "big")
+    ak.load(model, tmp_path / "big")
+    assert "big" in ak.adapters(model)

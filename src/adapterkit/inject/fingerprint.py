@@ -43,7 +43,11 @@ def _values(param: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def _sample(flat: torch.Tensor) -> torch.Tensor:
     if flat.numel() == 0:
         return flat.new_zeros(0, dtype=torch.float32).cpu()
-    positions = torch.linspace(0, flat.numel() - 1, min(SAMPLES, flat.numel()), device=flat.device).long()
+    n, k = flat.numel(), min(SAMPLES, flat.numel())
+    if n < 1 << 24:  # float32 holds every position exactly: the positions records have always used
+        positions = torch.linspace(0, n - 1, k, device=flat.device).long()
+    else:  # float32 rounds beyond 2**24 (the last position can leave the tensor): integer positions instead
+        positions = torch.arange(k, device=flat.device) * (n - 1) // max(k - 1, 1)
     return flat[positions].to("cpu", torch.float32)
 
 
