@@ -23,7 +23,8 @@ VALID = {"/v1/completions": {"model": "ad0", "prompt": "the cat", "max_tokens": 
 INT, FLOAT, BOOL, TEXT, TEXTS = ["8", True, 8.0, [8]], [True, "0", [0]], [1, 0, "true", None], [1, True, ["a"], {}], \
     [1, True, [1], [True], [None], {}]
 WRONG = {"/v1/completions": {"model": TEXT + [None], "prompt": TEXTS + [None], "max_tokens": INT,
-                             "temperature": FLOAT, "n": INT, "stream": BOOL, "user": TEXT},
+                             "temperature": FLOAT, "n": INT, "stream": BOOL, "user": TEXT, "top_p": FLOAT,
+                             "seed": INT, "stop": TEXTS, "stream_options": [1, True, "x", []]},
          "/v1/classify": {"model": TEXT + [None], "input": TEXTS + [None]},
          "/v1/adapters": {"name": TEXT + [None]}}
 CASES = [pytest.param(endpoint, field, value, id=f"{endpoint}-{field}-{value!r}")

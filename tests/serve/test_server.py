@@ -73,11 +73,11 @@ async def _load(url: str, clients: int, requests_each: int) -> tuple[list[tuple[
 def test_load_32_clients_8_adapters_equal_to_each_request_alone(lm) -> None:
     app = lm.server.config.app
     runner, metrics = app.state.runner, app.state.metrics
-    batches_before = metrics.batch_size.count
+    batches_before, rows_before = metrics.batch_size.count, metrics.batch_size.total
     results, batched_s = asyncio.run(_load(lm.url, clients=32, requests_each=2))
     assert [status for _, status, _ in results] == [200] * 64, [r for r in results if r[1] != 200][:2]
-    batches = metrics.batch_size.count - batches_before
-    assert batches < 64, "no two requests were ever batched together"
+    batches = metrics.batch_size.count - batches_before  # model calls: decode steps of the running batch
+    assert (metrics.batch_size.total - rows_before) / batches > 2, "requests hardly ever shared a decode step"
     start = time.perf_counter()
     for body, _, answer in results:  # the reference: the same request run alone, through the same code
         adapter = None if body["model"] == "base" else body["model"]

@@ -77,7 +77,8 @@ class Metrics:
                       "# TYPE adapterkit_request_seconds histogram"]
             for endpoint, hist in sorted(self.latency.items()):
                 lines += hist.lines("adapterkit_request_seconds", f'endpoint="{endpoint}"')
-            lines += ["# HELP adapterkit_batch_size Rows per batch run through the model.",
+            lines += ["# HELP adapterkit_batch_size Rows per model call (a decode step of the running batch, "
+                      "or a whole batch).",
                       "# TYPE adapterkit_batch_size histogram", *self.batch_size.lines("adapterkit_batch_size")]
         for name, (help_text, read) in self.gauges.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {_num(read())}"]

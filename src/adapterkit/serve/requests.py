@@ -186,6 +186,8 @@ def _describe(annotation: Any) -> str:
         return f"{text} or null" if len(parts) < len(typing.get_args(annotation)) else text
     if origin is list:
         return f"a list of {_describe(typing.get_args(annotation)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "an object"
     names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean (true or false)"}
     return names.get(annotation, str(annotation))
 
