@@ -269,7 +269,7 @@ def _evaluate_epoch(model: nn.Module, tokenizer: Any, dev: Tokenized, config: SF
                     out: Path | None, samples: list | None, on_epoch: EpochHook | None, bar: Any) -> None:
     history, epoch = progress["history"], progress["epoch"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = dev_loss(model, dev, config.batch_size, pad_id)
+    scores = dev_loss(model, dev, 2 * config.batch_size, pad_id)  # no activations kept: twice the rows
     extra = on_epoch(model, epoch) if on_epoch is not None else {}
     history["epoch"].append(epoch)
     history["epoch_step"].append(progress["step"])
