@@ -182,3 +182,16 @@ def test_fit_sft_writes_a_complete_run(tmp_path, method, quantize):
     assert record["method"]["method"] == method.to_dict()["method"]
     assert metrics["steps"] == 3 and 0 <= metrics["padding_share"] < 1 and metrics["dev_loss"] > 0
     assert json.loads((tmp_path / "metrics.json").read_text())["dev_perplexity"] == metrics["dev_perplexity"]
+
+
+@pytest.mark.parametrize("setting", [{"gradient_checkpointing": True}, {"gradient_checkpointing": "selective"},
+                                     {"precision": "bf16"}])
+def test_memory_and_precision_options_train_the_same_adapter(setting):
+    data = _data(8)
+    plain, _ = _trained(SFTConfig(batch_size=4, max_steps=2, lr=1e-2, samples=0), data)
+    other, result = _trained(SFTConfig(batch_size=4, max_steps=2, lr=1e-2, samples=0, **setting), data)
+    tolerance = 2e-2 if setting.get("precision") == "bf16" else 1e-5  # bf16 rounds the compute, not the weights
+    for key, value in _adapter_state(plain).items():
+        torch.testing.assert_close(_adapter_state(other)[key], value, atol=tolerance, rtol=tolerance)
+    assert all(v.dtype == torch.float32 for v in _adapter_state(other).values())
+    assert other.model.gradient_checkpointing == bool(setting.get("gradient_checkpointing"))
