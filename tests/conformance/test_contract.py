@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +43,10 @@ CASES: dict[str, list[tuple[str, ak.core.spec.AdapterSpec, list]]] = {  # type: 
                ("gpt2", ak.methods.SPLoRA(r=2), ["c_fc"]),
                ("llama", ak.methods.SPLoRA(r=2), ["gate_proj", "down_proj"])],
 }
+
+# a new method's cases may live in a file of their own beside this one: cases_<method>.py holding ``CASES = {...}``
+for _file in sorted(Path(__file__).parent.glob("cases_*.py")):
+    CASES.update(importlib.import_module(f"tests.conformance.{_file.stem}").CASES)
 
 PARAMS = [pytest.param(kind, spec, targets, id=f"{method}-{kind}-{i}")
           for method, cases in CASES.items() for i, (kind, spec, targets) in enumerate(cases)]
