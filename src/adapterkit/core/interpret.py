@@ -32,6 +32,8 @@ from adapterkit.core.protocol import Site
 def apply(adapter: Any, x: Tensor, out: Tensor, inplace: bool = False) -> Tensor:
     """``out`` with one adapter applied at its site (an INPUT adapter already ran on the input: nothing here)."""
     if adapter.site is Site.PARALLEL:
+        if inplace and hasattr(adapter, "add_into"):  # the delta accumulates into ``out`` (protocol.AddsInto)
+            return adapter.add_into(x, out)
         delta = adapter(x, out)
         return out.add_(delta) if inplace and delta.shape == out.shape else out + delta
     return adapter(x, out) if adapter.site is Site.OUTPUT else out

@@ -20,6 +20,11 @@ pruned layer) also implement ``packed_state()`` and ``load_packed(state)`` (the 
 rebuilds the float tensors so that the loaded adapter computes exactly what the saved one did, and raises
 ValueError (one line, naming the tensor) for anything missing, mis-shaped or corrupted.
 
+PARALLEL adapters may implement ``add_into(x, out) -> out``: ``out + forward(x, out)`` written into ``out`` itself
+(the ``AddsInto`` protocol). The plain path calls it where the base output may be overwritten (Linear, Conv,
+Embedding outputs, which autograd does not keep): a low-rank delta then goes straight into the output by one
+accumulating matmul, with no delta-sized tensor allocated, written and read back.
+
 OUTPUT adapters whose output is ``finish(stream + delta)`` (a sequential adapter that re-enters a post-norm) may
 implement ``parts(x, base_out) -> (stream, delta, finish)``: combiners that mix adapter outputs before the residual
 and the norm (AdapterFusion, ScaLearn) read it through ``Branch.parts``; without it a branch splits as
@@ -51,6 +56,15 @@ class Adapter(Protocol):
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         """Delta (PARALLEL), new output (OUTPUT) or new input (INPUT; base_out is None)."""
+        ...
+
+
+@runtime_checkable
+class AddsInto(Protocol):
+    """PARALLEL adapters that can add their delta into the base output in place."""
+
+    def add_into(self, x: Tensor, out: Tensor) -> Tensor:
+        """``out + delta``, computed into ``out`` (returned)."""
         ...
 
 

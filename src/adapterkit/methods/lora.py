@@ -117,6 +117,17 @@ class LoRALinear(_LowRank):
         h = F.linear(x, as_compute(self.lora_a, x))  # (..., r)
         return F.linear(h * self.scale, as_compute(self.lora_b, x))  # (..., out): scale the small (..., r) tensor
 
+    def add_into(self, x: Tensor, out: Tensor) -> Tensor:
+        """``out += scale * (x A^T) B^T`` by one accumulating matmul: no (..., out) delta is allocated."""
+        if self.dropout is not None:
+            x = self.dropout(x)
+        h = F.linear(x, as_compute(self.lora_a, x))  # (..., r)
+        if not out.is_contiguous() or out.dim() < 2 or h.shape[:-1] != out.shape[:-1]:
+            return out.add_(F.linear(h * self.scale, as_compute(self.lora_b, h)))
+        flat = out.view(-1, out.shape[-1])  # under autocast ``out`` may be bf16 while x is float32: match it
+        flat.addmm_(h.reshape(-1, h.shape[-1]).to(out.dtype), self.lora_b.to(out.dtype).t(), alpha=self.scale)
+        return out
+
     def delta_weight(self) -> Tensor:
         return (self.lora_b @ self.lora_a) * self.scale  # (out, in)
 
