@@ -148,3 +148,20 @@ def test_a_layer_hydra_cannot_wrap_is_a_one_line_error(base, targets, words) -> 
         ak.attach(base, "h", spec, targets)
     assert "\n" not in str(info.value)
     assert not ak.adapters(base)
+
+
+def test_a_merge_that_could_not_be_undone_is_refused_and_leaves_the_weights() -> None:
+    base = nn.Linear(9, 6)
+    holder, adapter = _holder(base, Hydra(r_par=1, r_seq=1, scale=2.0))
+    with torch.no_grad():  # s A_s B_s = -1: M = I + s B_s A_s maps B_s's direction to zero
+        adapter.seq_a.zero_()
+        adapter.seq_a[0, 0] = 1.0
+        adapter.seq_b.zero_()
+        adapter.seq_b[0, 0] = -0.5
+    w0, b0 = _canonical(base)
+    with pytest.raises(ak.AdapterKitError, match="singular") as info:
+        ak.merge(holder, "h")
+    assert "\n" not in str(info.value)
+    assert not ak.is_merged(holder, "h")
+    w1, b1 = _canonical(base)
+    assert torch.equal(w1, w0) and torch.equal(b1, b0)
