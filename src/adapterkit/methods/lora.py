@@ -6,6 +6,9 @@
 A is Kaiming-uniform (a = sqrt 5, as nn.Linear and peft) or Gaussian (std 1/r), B is zero, so the adapted
 model starts as the base model. Supports Linear (and GPT-2 Conv1D), Conv2d and Embedding base layers; for
 Embedding, as in the reference code, A is zero and B Gaussian.
+
+``init="pissa"`` / ``"pissa_niter_K"`` / ``"olora"`` take A and B from the base weight's SVD or QR and leave the
+residual in the base (PiSSA, OLoRA; Linear and Conv1D only): methods/lora_init.py.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from adapterkit.core.precision import as_compute, master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
+from adapterkit.methods.lora_init import check_base, from_base, init_from_base
 from adapterkit.ops.gathered import segments, stack_factors
 from adapterkit.ops.multi_lora import multi_lora
 
@@ -48,7 +52,10 @@ class LoRA(AdapterSpec):
     alpha: float = 16.0  # scale numerator
     dropout: float = 0.0  # dropout on the adapter's input
     scaling: str = "lora"  # "lora" (alpha / r) or "rslora" (alpha / sqrt r)
-    init: str = "kaiming"  # init of A: "kaiming" or "gaussian"
+    # init of A: "kaiming" or "gaussian" (B zero); or A and B from the base weight, which keeps the residual:
+    # "pissa", "pissa_niter_K" (randomised SVD, K power iterations), "olora"; "residual" is what those read once
+    # done (the base holds the residual already: a build leaves it alone), see methods/lora_init.py
+    init: str = "kaiming"
 
     def __post_init__(self) -> None:
         require(isinstance(self.r, int) and self.r > 0,
@@ -56,7 +63,10 @@ class LoRA(AdapterSpec):
         require(self.alpha > 0, f"{self.method}: alpha must be > 0, got {self.alpha}")
         require(0.0 <= self.dropout < 1.0, f"{self.method}: dropout must be in [0, 1), got {self.dropout}")
         require(self.scaling in SCALINGS, f"{self.method}: scaling must be one of {SCALINGS}, got {self.scaling!r}")
-        require(self.init in INITS, f"{self.method}: init must be one of {INITS}, got {self.init!r}")
+        require(self.init in INITS or from_base(self.init), f"{self.method}: init must be one of {INITS}, 'pissa', "
+                f"'pissa_niter_K' (K >= 0), 'olora' or 'residual', got {self.init!r}")
+        require(type(self) is LoRA or not from_base(self.init),  # e.g. DoRA's magnitude would see the residual
+                f"{self.method}: init={self.init!r} (factors from the base weight) is for plain LoRA only")
 
     def check_target(self, base: nn.Module, path: str) -> None:
         info = layer_info(base)
@@ -65,6 +75,8 @@ class LoRA(AdapterSpec):
                               "Conv2d or Embedding")
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             raise TargetError(f"{self.method} cannot adapt {path}: grouped convolutions are not supported")
+        if from_base(self.init):
+            check_base(self.init, base, path)
         limit = min(info.in_features, info.out_features)
         if info.kind != "conv2d" and self.r > limit:
             raise TargetError(f"{self.method}: rank {self.r} exceeds min(in, out) = {limit} of {path}")
@@ -108,8 +120,10 @@ class LoRALinear(_LowRank):
         super().__init__(spec, (spec.r, info.in_features), (info.out_features, spec.r), tensor(base, "weight"))
         if spec.init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        else:
+        elif spec.init == "gaussian":
             nn.init.normal_(self.lora_a, std=1 / spec.r)
+        else:  # PiSSA / OLoRA: factors from the base weight, the residual left in the base
+            init_from_base(self, base)
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         if self.dropout is not None:
