@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          max_steps=args.max_steps, seed=args.seed, head=[h for h in args.head.split(",") if h],
                          grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing or False,
                          precision=args.precision, checkpoint_every=args.checkpoint_every,
-                         parallel=args.parallel, quantize=args.quantize)
+                         parallel=args.parallel, quantize=args.quantize, lora_plus_ratio=args.lora_plus_ratio)
     plan = ak.explain(model, chosen, spec)
     print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(chosen)}): "
           f"{plan.adapter_params:,} adapter parameters")

@@ -48,7 +48,7 @@ def _config(args: argparse.Namespace) -> Any:
     config = SFTConfig(**chosen, max_steps=args.max_steps, seed=args.seed, grad_accum=args.grad_accum,
                        gradient_checkpointing=args.gradient_checkpointing or False, precision=args.precision,
                        checkpoint_every=args.checkpoint_every, quantize=args.quantize, samples=args.samples,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, lora_plus_ratio=args.lora_plus_ratio)
     if config.grad_accum > config.batch_size:
         raise AdapterKitError(f"--grad-accum {config.grad_accum} exceeds --batch-size {config.batch_size}")
     return config

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after this many steps")
     group.add_argument("--seed", type=int, default=0, metavar="N",
                        help="seed for the head, adapter init, dev split and shuffling")
+    group.add_argument("--lora-plus-ratio", type=float, default=None, metavar="R",
+                       help="LoRA+: train each LoRA B matrix at R times --lr (e.g. 16; default off)")
     group.add_argument("--head", default="classifier", metavar="MODULES", action=_Given,
                        help="comma-separated modules trained and saved with the adapter (default classifier; none)")
     group.add_argument("--out", default=None, metavar="DIR",

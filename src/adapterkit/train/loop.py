@@ -25,6 +25,7 @@ from adapterkit.inject.state import save
 from adapterkit.train.checkpoint import load_checkpoint, save_checkpoint
 from adapterkit.train.data import TextTable
 from adapterkit.train.distributed import Parallel
+from adapterkit.train.lora_plus import lora_plus_groups
 from adapterkit.train.recompute import checkpoint_kwargs
 
 
@@ -47,6 +48,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # write a resumable checkpoint every N optimizer steps
     parallel: str = "ddp"  # with several processes: "ddp" (replicate the model) or "fsdp" (shard it)
     quantize: str | None = None  # "nf4" or "fp4": QLoRA, the frozen base's Linear layers in 4 bits (bitsandbytes)
+    lora_plus_ratio: float | None = None  # LoRA+: LoRA B matrices train at lr * ratio (train/lora_plus.py)
 
 
 @dataclass
@@ -112,8 +114,11 @@ def seed_everything(seed: int) -> None:
 def adamw_with_warmup(model: nn.Module, config: TrainConfig, total: int
                       ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the parameters that require grad, with linear warmup (``config.warmup`` of ``total`` steps)
-    then linear decay to 0: the one schedule every training loop here uses."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    then linear decay to 0: the one schedule every training loop here uses. With ``config.lora_plus_ratio``, the
+    parameters are in LoRA+ groups (B matrices at lr * ratio; the schedule scales every group alike)."""
+    params: Any = [p for p in model.parameters() if p.requires_grad]
+    if config.lora_plus_ratio is not None:
+        params = lora_plus_groups(model, config.lr, config.lora_plus_ratio, config.weight_decay)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warm = max(1, int(config.warmup * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(
