@@ -110,3 +110,23 @@ def test_cli_option_reaches_both_configs(tmp_path, monkeypatch) -> None:
                                "--out", str(out)])
     assert code == 0, stderr
     assert json.loads((out / "run.json").read_text())["config"]["lora_plus_ratio"] == 4.0
+
+
+def test_hf_trainer_takes_the_optimizer(tmp_path) -> None:
+    pytest.importorskip("accelerate")  # transformers.Trainer needs it
+    from transformers import Trainer, TrainingArguments
+
+    model = make_tiny("llama")
+    ak.attach(model, "a", ak.LoRA(r=4), targets=["q_proj", "v_proj"])
+    ak.train_only(model, "a")
+    ids = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    optimizer = lora_plus_optimizer(model, lr=1e-3, ratio=16)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
+                             learning_rate=1e-3, warmup_steps=0, lr_scheduler_type="constant")
+    trainer = Trainer(model=model, args=args, train_dataset=rows, optimizers=(optimizer, None))
+    trainer.train()
+    assert getattr(trainer.optimizer, "optimizer", trainer.optimizer) is optimizer  # accelerate wraps it
+    rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert rates == pytest.approx({"a": 1e-3, "lora_b": 16e-3})  # the Trainer's schedule kept the ratio
