@@ -120,24 +120,28 @@ def test_gathered_lora_against_float64_loop() -> None:
         torch.testing.assert_close(got[row].double(), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("slots,grouped", [
+@pytest.mark.parametrize("slots,identity", [
     ([0, 1, 2, 3], True),  # each row its own slot, in order: a view of the stacks, nothing moved
-    ([3, 1, 0, 2], True),  # the same, shuffled: rows sorted, run grouped, put back
-    ([1, 1, 0, 0, 2, 2], True),  # two rows per slot
-    ([0, 0, 1], False),  # unequal groups: the gathered path
-    ([0, 2], False),  # slots not contiguous
+    ([3, 1, 0, 2], False),  # the same, shuffled: rows placed by slot, run grouped, put back
+    ([1, 1, 0, 0, 2, 2], False),  # two rows per slot
+    ([0, 0, 1], False),  # unequal groups: padded to the largest
+    ([0, 2], True),  # slots not contiguous: the used slots' stacks picked, rows as they are
+    ([3, 0, 0, 0, 2, 0], False),  # very unequal, with rows of no adapter (slot 3)
 ])
 @pytest.mark.parametrize("tokens_per_row", [1, 4])
-def test_grouped_rows_equal_the_gathered_path(slots: list[int], grouped: bool, tokens_per_row: int) -> None:
+def test_grouped_rows_equal_the_gathered_path(slots: list[int], identity: bool, tokens_per_row: int) -> None:
     gen = torch.Generator().manual_seed(1)
     pairs = [(torch.randn(r, 6, generator=gen), torch.randn(5, r, generator=gen)) for r in (1, 3, 2)]
     x = torch.randn(len(slots), tokens_per_row, 6, generator=gen)
     a_stack, b_stack = stack_factors([*pairs], x)  # slot 3 = no adapter (zeros)
     index = torch.tensor(slots)
     groups = segments(index)
-    assert (groups is not None) == grouped
-    if groups is not None:
-        assert (groups.order is None) == (slots == sorted(slots))
+    assert groups is not None and (groups.dest is None) == identity
+    from adapterkit.ops.gathered import _grouped
+
+    flat = x.reshape(len(slots), -1, 6)
+    torch.testing.assert_close(_grouped(flat, a_stack, b_stack, groups),
+                               gathered_lora(x, a_stack, b_stack, index), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(gathered_lora(x, a_stack, b_stack, index, groups),
                                gathered_lora(x, a_stack, b_stack, index), atol=1e-6, rtol=1e-6)
 

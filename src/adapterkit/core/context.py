@@ -41,7 +41,9 @@ class SelectPlan:
     """
 
     def __init__(self, per_row: tuple[str | None, ...]) -> None:
-        self.names: tuple[str, ...] = tuple(dict.fromkeys(n for n in per_row if n is not None))
+        # sorted, not in order of first use: a batch whose rows change but whose set of adapters does not (rows of a
+        # served batch joining and leaving) keeps the same slots, so a method's stacked weights stay cached
+        self.names: tuple[str, ...] = tuple(sorted({n for n in per_row if n is not None}))
         index = {name: i for i, name in enumerate(self.names)}
         self.slots = torch.tensor([index.get(n, len(self.names)) if n else len(self.names) for n in per_row])
         self._on: dict[torch.device, torch.Tensor] = {}
