@@ -22,6 +22,13 @@ CANDIDATES: dict[str, list[list[str]]] = {
     "mask_tuning": [["query", "key", "value"], ["q_proj", "k_proj", "v_proj"], ["c_attn"]],  # R-AMT: attention
     "splora": [["intermediate.dense"], ["c_fc"], ["up_proj"]],  # FFN channels, the ones shrink() can remove
     "bitfit": [["query", "key", "value", "dense", "LayerNorm"], ["c_attn", "c_proj", "c_fc", "ln_1", "ln_2"]],
+    "vera": [["query", "value"], ["q_proj", "v_proj"], ["c_attn"]],
+    "loha": [["query", "value"], ["q_proj", "v_proj"]],
+    "lokr": [["query", "value"], ["q_proj", "v_proj"]],
+    "oft": [["query", "value"], ["q_proj", "v_proj"]],
+    # Hydra and SNNK: the papers' placement, on each attention output and FFN output projection
+    "hydra": [["output.dense"], ["o_proj", "down_proj"], ["c_proj"]],
+    "snnk": [["output.dense"], ["o_proj", "down_proj"], ["c_proj"]],
 }
 
 
@@ -30,7 +37,9 @@ CANDIDATES: dict[str, list[list[str]]] = {
 _ALL_PROJECTIONS = [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                     ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],  # no gated MLP
                     ["c_attn", "c_proj", "c_fc"]]  # GPT-2 (Conv1D)
-CAUSAL_LM_CANDIDATES: dict[str, list[list[str]]] = {"lora": _ALL_PROJECTIONS, "dora": _ALL_PROJECTIONS}
+CAUSAL_LM_CANDIDATES: dict[str, list[list[str]]] = {
+    "lora": _ALL_PROJECTIONS, "dora": _ALL_PROJECTIONS, "vera": _ALL_PROJECTIONS,
+    "loha": _ALL_PROJECTIONS[:2], "lokr": _ALL_PROJECTIONS[:2]}  # peft cannot export LoHa/LoKr on Conv1D
 
 
 def default_targets(model: nn.Module, method: str, causal_lm: bool = False) -> list[str]:
