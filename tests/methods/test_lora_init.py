@@ -176,3 +176,17 @@ def test_bad_inputs_are_one_line() -> None:
     with pytest.raises(ak.SpecError, match="plain LoRA only"):
         ak.DoRA(init="pissa")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was touched
+
+
+def test_an_unconverted_residual_adapter_is_not_exported(tmp_path) -> None:
+    import pytest
+
+    import adapterkit as ak
+    from adapterkit.core.errors import StateError
+    from adapterkit.interop.peft_format import export_peft
+    from tests.conftest import make_tiny
+
+    model = make_tiny("llama")
+    ak.attach(model, "p", ak.LoRA(r=2, init="pissa"), ["q_proj"])
+    with pytest.raises(StateError, match="initialised from its base weights.*residual_to_lora"):
+        export_peft(model, "p", tmp_path / "out")

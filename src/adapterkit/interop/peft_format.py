@@ -129,6 +129,10 @@ def export_peft(model: nn.Module, name: str, out: str | Path, modules: tuple[str
         spec = adapter.spec
         if not isinstance(spec, LoRA):
             raise StateError(f"export: adapter {name!r} is {spec.method}; peft's LoRA format holds lora and dora only")
+        if getattr(spec, "init", None) in ("pissa", "olora", "residual") or str(getattr(spec, "init", "")).startswith(
+                "pissa_niter"):  # its base holds a residual: on the original model the exported factors are wrong
+            raise StateError(f"export: adapter {name!r} was initialised from its base weights ({spec.init}); turn it "
+                             "into a LoRA of the original model first (arith.residual_lora.residual_to_lora)")
         specs[path] = spec
         lora = adapter.lora if isinstance(spec, DoRA) else adapter
         stem, suffix = ("lora_embedding_", "") if layer_info(module).kind == "embedding" else ("lora_", ".weight")
