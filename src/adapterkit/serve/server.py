@@ -34,8 +34,9 @@ def load_model(model: str | Path, task: str = "auto", device: str = "cpu") -> tu
         task = "completions" if is_causal_lm(folder) else "classify"
     # a classifier keeps the head its config describes; a base folder without one gets a fresh head (each adapter
     # brings its own), which load_pretrained keeps quiet about
-    loaded, tokenizer = load_pretrained(model, task="causal-lm" if task == "completions" else "classify",
-                                        num_labels=_labels_of(folder))
+    # the resolved folder, not the name: a GGUF's cache was checked (sha256 of every file) by ``resolve`` already
+    loaded, tokenizer = load_pretrained(folder, task="causal-lm" if task == "completions" else "classify",
+                                        num_labels=_labels_of(folder), where=f"--model {model}:")
     try:
         loaded = loaded.to(device).eval()
     except (RuntimeError, ValueError) as exc:

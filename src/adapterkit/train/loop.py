@@ -126,6 +126,19 @@ def adamw_with_warmup(model: nn.Module, config: TrainConfig, total: int
     return optimizer, schedule
 
 
+def compute_setup(model: nn.Module, config: TrainConfig) -> torch.autocast:
+    """Turn on ``config``'s gradient checkpointing on ``model``; returns the autocast context of its precision
+    (bf16, or a disabled one for fp32). Every training loop here calls it once before its first step."""
+    if config.gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if not callable(enable):
+            raise AdapterKitError("gradient checkpointing needs a transformers model (gradient_checkpointing_enable)")
+        policy = "full" if config.gradient_checkpointing is True else str(config.gradient_checkpointing)
+        enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
+                          enabled=config.precision == "bf16")
+
+
 def _micro_batches(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, parts: int, dist: Parallel):
     """This process's rows of a global batch, in ``parts`` micro-batches, each with its weight in the batch mean."""
     rows = ids.shape[0]
@@ -160,14 +173,7 @@ def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTa
         progress, epoch_rng = load_checkpoint(checkpoint, model, optimizer, schedule)
         history = progress["history"]
         generator.set_state(epoch_rng)
-    if config.gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(enable):
-            raise AdapterKitError("gradient checkpointing needs a transformers model (gradient_checkpointing_enable)")
-        policy = "full" if config.gradient_checkpointing is True else str(config.gradient_checkpointing)
-        enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
-    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
-                              enabled=config.precision == "bf16")
+    autocast = compute_setup(model, config)
     runner, optimizer = dist.prepare(model, optimizer)  # runner: the model, or its DDP wrapper
     model.train()
     bar = tqdm(total=total, initial=progress["step"], desc=desc, unit="step", dynamic_ncols=True,

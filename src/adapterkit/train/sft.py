@@ -26,15 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from adapterkit.core.errors import AdapterKitError
 from adapterkit.core.files import atomic_write
 from adapterkit.core.spec import AdapterSpec
 from adapterkit.inject.engine import attach, train_only
 from adapterkit.inject.quantize import quantize_base
 from adapterkit.inject.state import save
 from adapterkit.train.checkpoint import load_checkpoint, save_checkpoint
-from adapterkit.train.loop import TrainConfig, adamw_with_warmup, check_writable
-from adapterkit.train.recompute import checkpoint_kwargs
+from adapterkit.train.loop import TrainConfig, adamw_with_warmup, check_writable, compute_setup
 from adapterkit.train.sft_data import IGNORE, Conversation, Tokenized, prompt_ids
 
 GROUP = 50  # batches per length-sorted mega-batch (HF's LengthGroupedSampler uses 50 too)
@@ -213,14 +211,7 @@ def run_sft(model: nn.Module, tokenizer: Any, train: Tokenized, dev: Tokenized, 
         progress, epoch_rng = load_checkpoint(checkpoint, model, optimizer, schedule)
         history, stats = progress["history"], progress["stats"]
         generator.set_state(epoch_rng)
-    if config.gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(enable):
-            raise AdapterKitError("gradient checkpointing needs a transformers model (gradient_checkpointing_enable)")
-        policy = "full" if config.gradient_checkpointing is True else str(config.gradient_checkpointing)
-        enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
-    autocast = torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
-                              enabled=config.precision == "bf16")
+    autocast = compute_setup(model, config)
     model.train()
     bar = tqdm(total=total, initial=progress["step"], desc="train", unit="step", dynamic_ncols=True,
                disable=os.environ.get("ADAPTERKIT_NO_PROGRESS") == "1")
