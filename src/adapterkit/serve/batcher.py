@@ -40,62 +40,92 @@ class Job:
     queued_at: float = 0.0
 
 
-class Batcher:
-    """Forms batches from queued rows and runs ``run(rows) -> results`` on them in a worker thread."""
+class QueueWorker:
+    """What the batcher and the continuous scheduler share: their limits, a bounded queue's admission checks, and
+    one asyncio task (``_loop``) that drives the model in one worker thread, started and stopped with the app."""
 
-    def __init__(self, run: Callable[[Sequence[Any]], list[Any]], max_batch: int = 16, max_wait_s: float = 0.005,
-                 max_queue: int = 256, max_adapters: int = 8,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+    kind = "batcher"  # named in errors and in the worker thread's name
+
+    def __init__(self, max_batch: int, max_wait_s: float, max_queue: int, max_adapters: int,
+                 on_batch: Callable[[int], None] | None) -> None:
         for what, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_adapters", max_adapters)):
             if value < 1:
                 raise AdapterKitError(f"{what} must be at least 1, got {value}")
         if max_wait_s < 0:
             raise AdapterKitError(f"max_wait must be >= 0, got {max_wait_s}")
-        self.run = run
         self.max_batch, self.max_wait_s, self.max_queue, self.max_adapters = max_batch, max_wait_s, max_queue, \
             max_adapters
         self.on_batch = on_batch
-        self._queue: collections.deque[Job] = collections.deque()
-        self._carry: Job | None = None  # a row that did not fit the last batch's adapters: first in the next
         self._ready: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     @property
     def depth(self) -> int:
-        """Rows waiting (not counting the batch that runs)."""
-        return len(self._queue) + (self._carry is not None)
+        """Rows waiting."""
+        raise NotImplementedError
 
     async def start(self) -> None:
-        """Start the batching task (on the running loop)."""
+        """Start the task (on the running loop)."""
         self._ready = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterkit-batch")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"adapterkit-{self.kind}")
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        """Stop forming batches; rows still queued fail with a 503-style error."""
+        """Stop the task; rows still waiting (or running) fail with a 503-style error."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for job in [*([self._carry] if self._carry else []), *self._queue]:
-            if not job.future.done():
-                job.future.set_exception(QueueFullError("server is shutting down"))
-        self._queue.clear()
-        self._carry = None
+        self._fail_pending(QueueFullError("server is shutting down"))
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def _check_room(self, rows: int) -> None:
+        """Refuse ``rows`` more rows unless the worker runs and its queue has room for all of them."""
+        if self._ready is None:
+            raise AdapterKitError(f"the {self.kind} is not running")
+        if rows > self.max_queue:
+            raise TooManyRowsError(f"{rows} rows in one request; the queue holds at most {self.max_queue}")
+        if self.depth + rows > self.max_queue:
+            raise QueueFullError(f"server busy: the queue holds {self.depth} of {self.max_queue} rows; retry later")
+
+    def _fail_pending(self, error: Exception) -> None:
+        raise NotImplementedError
+
+    async def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Batcher(QueueWorker):
+    """Forms batches from queued rows and runs ``run(rows) -> results`` on them in a worker thread."""
+
+    def __init__(self, run: Callable[[Sequence[Any]], list[Any]], max_batch: int = 16, max_wait_s: float = 0.005,
+                 max_queue: int = 256, max_adapters: int = 8,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        super().__init__(max_batch, max_wait_s, max_queue, max_adapters, on_batch)
+        self.run = run
+        self._queue: collections.deque[Job] = collections.deque()
+        self._carry: Job | None = None  # a row that did not fit the last batch's adapters: first in the next
+
+    @property
+    def depth(self) -> int:
+        """Rows waiting (not counting the batch that runs)."""
+        return len(self._queue) + (self._carry is not None)
+
+    def _fail_pending(self, error: Exception) -> None:
+        for job in [*([self._carry] if self._carry else []), *self._queue]:
+            if not job.future.done():
+                job.future.set_exception(error)
+        self._queue.clear()
+        self._carry = None
+
     def submit(self, rows: Sequence[tuple[str | None, Any]]) -> list[asyncio.Future]:
         """Queue all ``rows`` ((adapter, row) pairs) or none of them; one future per row."""
-        if self._ready is None:
-            raise AdapterKitError("the batcher is not running")
-        if len(rows) > self.max_queue:
-            raise TooManyRowsError(f"{len(rows)} rows in one request; the queue holds at most {self.max_queue}")
-        if self.depth + len(rows) > self.max_queue:
-            raise QueueFullError(f"server busy: the queue holds {self.depth} of {self.max_queue} rows; retry later")
+        self._check_room(len(rows))
+        assert self._ready is not None
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         jobs = [Job(row, adapter, loop.create_future(), now) for adapter, row in rows]

@@ -21,12 +21,10 @@ import collections
 import functools
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapterkit.core.errors import AdapterKitError
-from adapterkit.serve.batcher import Batcher, QueueFullError, TooManyRowsError
+from adapterkit.serve.batcher import Batcher, QueueWorker
 from adapterkit.serve.decode import Decoder, Running
 from adapterkit.serve.rows import Row
 from adapterkit.serve.sequence import Sequence as Generation
@@ -47,26 +45,18 @@ class Ticket:
     cancel: Callable[[], None]
 
 
-class Scheduler:
+class Scheduler(QueueWorker):
     """Iteration-level batching over ``decoder``: rows join and leave the running batch at every step."""
+
+    kind = "scheduler"
 
     def __init__(self, decoder: Decoder, max_batch: int = 16, max_wait_s: float = 0.005, max_queue: int = 256,
                  max_adapters: int = 8, on_batch: Callable[[int], None] | None = None) -> None:
-        for what, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_adapters", max_adapters)):
-            if value < 1:
-                raise AdapterKitError(f"{what} must be at least 1, got {value}")
-        if max_wait_s < 0:
-            raise AdapterKitError(f"max_wait must be >= 0, got {max_wait_s}")
+        super().__init__(max_batch, max_wait_s, max_queue, max_adapters, on_batch)
         self.decoder = decoder
-        self.max_batch, self.max_wait_s, self.max_queue, self.max_adapters = max_batch, max_wait_s, max_queue, \
-            max_adapters
-        self.on_batch = on_batch
         self.batch = Running()
         self._jobs: dict[Generation, _Job] = {}  # every row admitted and not yet answered
         self._queue: collections.deque[_Job] = collections.deque()
-        self._ready: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def depth(self) -> int:
@@ -82,35 +72,16 @@ class Scheduler:
         """One step of the running batch with ``joining`` prefilled into it (in the worker thread)."""
         return self.decoder.step(self.batch, joining)
 
-    async def start(self) -> None:
-        """Start the scheduling task (on the running loop)."""
-        self._ready = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterkit-decode")
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        """Stop stepping; rows still waiting or running fail with a 503-style error."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        for job in [*self._queue, *self._jobs.values()]:
-            job.events.put_nowait((job.index, "error", QueueFullError("server is shutting down")))
+    def _fail_pending(self, error: Exception) -> None:
+        for job in [*self._queue, *self._jobs.values()]:  # waiting and running rows alike
+            job.events.put_nowait((job.index, "error", error))
         self._queue.clear()
         self._jobs.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, rows: Sequence[tuple[str | None, Row]], events: asyncio.Queue) -> Ticket:
         """Queue all ``rows`` ((adapter, row) pairs; row i reports on ``events`` as index i) or none of them."""
-        if self._ready is None:
-            raise AdapterKitError("the scheduler is not running")
-        if len(rows) > self.max_queue:
-            raise TooManyRowsError(f"{len(rows)} rows in one request; the queue holds at most {self.max_queue}")
-        if self.depth + len(rows) > self.max_queue:
-            raise QueueFullError(f"server busy: the queue holds {self.depth} of {self.max_queue} rows; retry later")
+        self._check_room(len(rows))
+        assert self._ready is not None  # _check_room refused a worker that is not running
         now = time.monotonic()
         jobs = [_Job(seq, i, events, now) for i, seq in enumerate(self.decoder.start(row for _, row in rows))]
         self._queue.extend(jobs)
