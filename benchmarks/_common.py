@@ -22,6 +22,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mb() -> float:
+    """Resident memory of this process now, in MiB (VmRSS from /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def attach_sst2_lora(model, library: str):
     """LoRA r=8 alpha=16 on query/value plus a trainable classifier head, through peft or adapterkit.
 

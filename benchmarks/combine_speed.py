@@ -38,20 +38,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_rss_mb  # noqa: E402
+from _common import current_rss_mb, peak_rss_mb  # noqa: E402
 
 LIBRARIES = ("adapterkit", "peft")
 HOWS = ("svd", "ties")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, SVD_RANK, DENSITY = 16, 32, 16, 0.5
 
-
-def current_rss_mb() -> float:
-    """Resident memory of this process now, in MiB (VmRSS from /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def base_model(layers: int):

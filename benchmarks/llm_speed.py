@@ -39,19 +39,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_rss_mb  # noqa: E402
+from _common import current_rss_mb, peak_rss_mb  # noqa: E402
 
 STEP_ROWS = ("floor", "peft", "adapterkit")
 GEN_ROWS = ("base", "adapterkit", "adapterkit_merged", "peft")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA, LR, WARMUP = 16, 32, 2e-4, 2
 
-
-def current_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def load(dtype: str):

@@ -36,18 +36,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import attach_sst2_lora, minilm_dir, peak_rss_mb  # noqa: E402
+from _common import attach_sst2_lora, current_rss_mb, minilm_dir, peak_rss_mb  # noqa: E402
 
 LIBRARIES = ("adapterkit", "peft")
 BATCH, SEQ_LEN, WARMUP = 32, 64, 3
 
-
-def current_rss_mb() -> float:
-    """Resident memory of this process now, in MiB (VmRSS from /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def build(library: str):
