@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import adapterkit as ak
-from adapterkit.cli.common import default_model_dir, load_classifier, load_run, parse_spec, read_run, targets
+from adapterkit.cli.common import (
+    calibrate_if_needed,
+    default_model_dir,
+    load_classifier,
+    load_run,
+    parse_spec,
+    read_run,
+    targets,
+)
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.core.registry import spec_class
 from adapterkit.train.data import TextTable, read_table, shipped_sst2
@@ -39,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if wants_causal_lm(args):  # --task causal-lm, or a causal LM given as --model: supervised fine-tuning
         return cmd_train_lm(args)
-    from adapterkit.train.loop import TrainConfig, check_writable, fit, seed_everything
+    from adapterkit.train.loop import TrainConfig, check_writable, encode, fit, seed_everything
 
     spec = parse_spec(args.method, args.param)  # bad specs fail before anything loads
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--max-length", args.max_length),
@@ -74,12 +82,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                          grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing or False,
                          precision=args.precision, checkpoint_every=args.checkpoint_every,
                          parallel=args.parallel, quantize=args.quantize, lora_plus_ratio=args.lora_plus_ratio)
+    calibrated = calibrate_if_needed(args, spec, model, tokenizer, chosen,
+                                     lambda: encode(tokenizer, train, args.max_length).ids, args.max_length)
     plan = ak.explain(model, chosen, spec)
     print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(chosen)}): "
           f"{plan.adapter_params:,} adapter parameters")
     record = {"model": str(Path(model_dir).resolve()), "data": data_name, "train_file": train_path,
               "dev_file": dev_path, "labels": labels, "targets": chosen,
               "columns": {"text": args.text_column, "label": args.label_column, "pair": args.pair_column}}
+    if calibrated:
+        record["calibration"] = calibrated
     metrics = fit(model, tokenizer, "adapter", spec, chosen, train, dev, config, out, record, resume=args.resume)
     print(f"dev accuracy {metrics['dev_accuracy']:.2f}  trainable parameters {metrics['trainable_parameters']:,}  "
           f"{metrics['train_seconds']:.0f} s  ->  {out}")

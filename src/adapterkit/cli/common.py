@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,39 @@ def load_run(run: str, float_base: bool = False) -> tuple[dict[str, Any], Any, A
         ak.quantize_base(model, config["quantize"], keep=config.get("head", []))
     ak.load(model, Path(run, "adapter"), strict_base=not (quantized and float_base))
     return record, model, tokenizer
+
+
+def calibrate_if_needed(args: argparse.Namespace, spec: Any, model: Any, tokenizer: Any, chosen: list[str],
+                        task_ids: Callable[[], list[list[int]]], max_length: int) -> dict[str, Any] | None:
+    """Calibrate ``model`` for a data-aware init (CorDA) before its adapter attaches: on ``--calibration`` (a .txt
+    file, one sample a line) or, without it, on the training examples' ``task_ids``; None for other specs. Returns
+    what the run record keeps about it."""
+    from adapterkit.methods.corda import MODES
+    from adapterkit.train.calibrate import calibrate_corda, id_batches
+
+    if getattr(spec, "init", None) not in MODES:
+        if args.calibration:
+            raise AdapterKitError("--calibration is for -p init=corda_ipm / corda_kpm (CorDA) only")
+        return None
+    if args.calibration_rows < 1:
+        raise AdapterKitError(f"--calibration-rows must be at least 1, got {args.calibration_rows}")
+    source = "the training data"
+    if not args.calibration:
+        ids = task_ids()
+    else:
+        path = Path(args.calibration)
+        if not path.is_file():
+            raise AdapterKitError(f"--calibration {path}: no such file")
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise AdapterKitError(f"--calibration {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if not lines:
+            raise AdapterKitError(f"--calibration {path}: no text (one calibration sample a line)")
+        ids = tokenizer(lines[:args.calibration_rows], truncation=True, max_length=max_length)["input_ids"]
+        source = str(path.resolve())
+    batches = id_batches(ids, tokenizer.pad_token_id or 0, rows=args.calibration_rows)
+    print(f"{spec.init}: calibrating {len(chosen)} target kinds on {sum(len(b['input_ids']) for b in batches)} "
+          f"samples of {source}")
+    calibrate_corda(model, batches, chosen)
+    return {"source": source, "rows": args.calibration_rows}

@@ -97,7 +97,11 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
         default_targets(model, spec.method, causal_lm=True)
     record["targets"] = chosen
     import adapterkit as ak
+    from adapterkit.cli.common import calibrate_if_needed
 
+    calibrated = calibrate_if_needed(args, spec, model, tokenizer, chosen, lambda: train.ids, config.max_length)
+    if calibrated:
+        record["calibration"] = calibrated
     plan = ak.explain(model, chosen, spec)
     print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(chosen)}): {plan.adapter_params:,} adapter "
           f"parameters; {len(train)} train / {len(dev)} dev examples{_cuts(train, dev, config.max_length)}")

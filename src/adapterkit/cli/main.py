@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seed for the head, adapter init, dev split and shuffling")
     group.add_argument("--lora-plus-ratio", type=float, default=None, metavar="R",
                        help="LoRA+: train each LoRA B matrix at R times --lr (e.g. 16; default off)")
+    group.add_argument("--calibration", default=None, metavar="FILE",
+                       help="CorDA (-p init=corda_ipm | corda_kpm): text to take each layer's input covariance from, "
+                            "one sample a line (default: the training data; for corda_kpm give text whose "
+                            "knowledge the model should keep)")
+    group.add_argument("--calibration-rows", type=int, default=256, metavar="N",
+                       help="CorDA: calibration samples streamed through the model once (default 256)")
     group.add_argument("--head", default="classifier", metavar="MODULES", action=_Given,
                        help="comma-separated modules trained and saved with the adapter (default classifier; none)")
     group.add_argument("--out", default=None, metavar="DIR",

@@ -58,6 +58,12 @@ class AdapterSpec:
     def check_target(self, base: nn.Module, path: str) -> None:
         """Raise a one-line error if this spec cannot adapt ``base`` (found at ``path``)."""
 
+    def for_counting(self) -> AdapterSpec:
+        """A spec with the same parameter shapes whose ``build`` leaves the base alone: what a dry run
+        (``explain``) builds. The default is the spec itself; a spec whose build edits the base weight (an init
+        that moves part of W into the adapter) returns a plain-init twin."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: the method tag plus every field."""
         out: dict[str, Any] = {"method": self.method}

@@ -189,7 +189,7 @@ def explain(model: nn.Module, targets: Targets | None = None, spec: AdapterSpec 
         if spec is not None:
             spec.check_target(module, path)
             with torch.random.fork_rng(devices=[]):  # a dry run must not move the seeded random stream
-                count = sum(p.numel() for p in spec.build(module).parameters())
+                count = sum(p.numel() for p in spec.for_counting().build(module).parameters())
         rows.append(PlanRow(path, type(module).__name__, count))
     total = sum(p.numel() for n, p in model.named_parameters() if f".{HOST_ATTR}." not in f".{n}")
     return Plan(tuple(rows), total)

@@ -8,11 +8,14 @@ model starts as the base model. Supports Linear (and GPT-2 Conv1D), Conv2d and E
 Embedding, as in the reference code, A is zero and B Gaussian.
 
 ``init="pissa"`` / ``"pissa_niter_K"`` / ``"olora"`` take A and B from the base weight's SVD or QR and leave the
-residual in the base (PiSSA, OLoRA; Linear and Conv1D only): methods/lora_init.py.
+residual in the base (PiSSA, OLoRA; Linear and Conv1D only): methods/lora_init.py. ``init="corda_ipm"`` /
+``"corda_kpm"`` (CorDA) do the same from the SVD of W times the layer's calibrated input covariance
+(methods/corda.py; calibrate first with ``adapterkit.train.calibrate.calibrate_corda``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Sequence
@@ -53,7 +56,8 @@ class LoRA(AdapterSpec):
     dropout: float = 0.0  # dropout on the adapter's input
     scaling: str = "lora"  # "lora" (alpha / r) or "rslora" (alpha / sqrt r)
     # init of A: "kaiming" or "gaussian" (B zero); or A and B from the base weight, which keeps the residual:
-    # "pissa", "pissa_niter_K" (randomised SVD, K power iterations), "olora"; "residual" is what those read once
+    # "pissa", "pissa_niter_K" (randomised SVD, K power iterations), "olora", "corda_ipm", "corda_kpm" (CorDA:
+    # needs calibrate_corda first); "residual" is what those read once
     # done (the base holds the residual already: a build leaves it alone), see methods/lora_init.py
     init: str = "kaiming"
 
@@ -64,7 +68,7 @@ class LoRA(AdapterSpec):
         require(0.0 <= self.dropout < 1.0, f"{self.method}: dropout must be in [0, 1), got {self.dropout}")
         require(self.scaling in SCALINGS, f"{self.method}: scaling must be one of {SCALINGS}, got {self.scaling!r}")
         require(self.init in INITS or from_base(self.init), f"{self.method}: init must be one of {INITS}, 'pissa', "
-                f"'pissa_niter_K' (K >= 0), 'olora' or 'residual', got {self.init!r}")
+                f"'pissa_niter_K' (K >= 0), 'olora', 'corda_ipm', 'corda_kpm' or 'residual', got {self.init!r}")
         require(type(self) is LoRA or not from_base(self.init),  # e.g. DoRA's magnitude would see the residual
                 f"{self.method}: init={self.init!r} (factors from the base weight) is for plain LoRA only")
 
@@ -80,6 +84,9 @@ class LoRA(AdapterSpec):
         limit = min(info.in_features, info.out_features)
         if info.kind != "conv2d" and self.r > limit:
             raise TargetError(f"{self.method}: rank {self.r} exceeds min(in, out) = {limit} of {path}")
+
+    def for_counting(self) -> LoRA:
+        return dataclasses.replace(self, init="kaiming") if from_base(self.init) else self  # SVD/QR edit the base
 
     def build(self, base: nn.Module) -> nn.Module:
         kind = layer_info(base).kind

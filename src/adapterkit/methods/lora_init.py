@@ -11,6 +11,8 @@ and training starts in a chosen subspace of ``W`` (W in the canonical (out, in) 
 * OLoRA (Buyukakyuz 2024, https://arxiv.org/abs/2406.01775), ``init="olora"``: ``W = Q R``, ``B = Q[:, :r]``,
   ``A = R[:r]``, ``W_res = W - s B A``. As in peft, the factors are not divided by the scale: with s != 1 the
   moved part is ``s Q_r R_r``, not ``Q_r R_r``.
+* CorDA (Yang et al. 2024), ``init="corda_ipm"`` / ``"corda_kpm"``: the SVD of ``W C`` for the layer's input
+  covariance C from calibration data, largest or smallest components (methods/corda.py).
 
 The factorisation runs in float32 (as peft's ``pissa_init`` / ``olora_init``) and the residual is written back in
 the base weight's dtype. The adapter keeps its initial factors as buffers ``lora_a0`` / ``lora_b0``: with them
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
 from adapterkit.core.layers import is_quantized, layer_info, read_weight, tensor, write_weight
+from adapterkit.methods.corda import MODES, corda_factors, take, waiting
 
 RESIDUAL = "residual"  # the spec of an initialised adapter: its base already holds the residual
 _NITER = re.compile(r"pissa_niter_(\d+)")
@@ -45,7 +48,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes peft deco
 
 def from_base(init: str) -> bool:
     """Whether ``init`` takes the adapter's factors from the base weight (and so edits the base)."""
-    return init in ("pissa", "olora", RESIDUAL) or _NITER.fullmatch(init) is not None
+    return init in ("pissa", "olora", RESIDUAL) or init in MODES or _NITER.fullmatch(init) is not None
 
 
 def check_base(init: str, base: nn.Module, path: str) -> None:
@@ -61,10 +64,24 @@ def check_base(init: str, base: nn.Module, path: str) -> None:
     if dtype not in _FLOATS:
         raise TargetError(f"lora init={init!r} cannot adapt {path}: its weight is {dtype}, not float32, float16 or "
                           "bfloat16")
+    if init in MODES:
+        covariance = waiting(base)
+        width = layer_info(base).in_features
+        if covariance is None:
+            raise TargetError(f"lora init={init!r} needs calibration data: no input covariance for {path}; run "
+                              "adapterkit.train.calibrate.calibrate_corda(model, batches, targets) first")
+        if tuple(covariance.shape) != (width, width):
+            raise TargetError(f"lora init={init!r}: the covariance calibrated for {path} is "
+                              f"{tuple(covariance.shape)}, not ({width}, {width}); calibrate this model again")
 
 
-def initial_factors(weight: Tensor, r: int, scale: float, init: str) -> tuple[Tensor, Tensor]:
-    """(A (r, in), B (out, r)) of ``init`` from a float32 (out, in) weight (peft's pissa_init / olora_init)."""
+def initial_factors(weight: Tensor, r: int, scale: float, init: str,
+                    covariance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(A (r, in), B (out, r)) of ``init`` from a float32 (out, in) weight (peft's pissa_init / olora_init /
+    corda_init; CorDA also needs the layer's input ``covariance``)."""
+    if init in MODES:
+        assert covariance is not None
+        return corda_factors(weight, covariance.to(weight.device), r, scale, init)
     if init == "olora":
         q, upper = torch.linalg.qr(weight)  # q: (out, k), upper: (k, in), k = min(out, in)
         return upper[:r].contiguous(), q[:, :r].contiguous()
@@ -91,7 +108,8 @@ def init_from_base(adapter: Any, base: nn.Module) -> None:
         adapter.lora_a.zero_()
         return
     weight = read_weight(base)[0].float()  # (out, in), a copy
-    a, b = initial_factors(weight, spec.r, adapter.scale, spec.init)
+    covariance = take(base) if spec.init in MODES else None
+    a, b = initial_factors(weight, spec.r, adapter.scale, spec.init, covariance)
     for param, value in ((adapter.lora_a, a), (adapter.lora_b, b), (adapter.lora_a0, a), (adapter.lora_b0, b)):
         param.copy_(value)
     write_weight(base, weight - adapter.scale * (b @ a), None)  # cast to the base weight's dtype by the copy
