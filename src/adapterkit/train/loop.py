@@ -3,6 +3,7 @@ dynamic padding, a progress bar, dev accuracy per epoch, and everything written 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.core.files import atomic_write
 from adapterkit.core.spec import AdapterSpec
+from adapterkit.core.tree import adapter_names, placements
 from adapterkit.inject.engine import attach, train_only
 from adapterkit.inject.quantize import quantize_base
 from adapterkit.inject.state import save
@@ -139,6 +141,32 @@ def compute_setup(model: nn.Module, config: TrainConfig) -> torch.autocast:
                           enabled=config.precision == "bf16")
 
 
+class TrainingHooks(Protocol):
+    """Callbacks a method needs around each optimizer step (e.g. a rank allocator and its regulariser)."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to each micro-batch's loss (None: nothing)."""
+        ...
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after ``optimizer.step()``, before ``zero_grad`` (the gradients are still there); ``step`` counts
+        optimizer steps from 0."""
+        ...
+
+
+def training_hooks(model: nn.Module, total_steps: int) -> list[TrainingHooks]:
+    """The hooks of every trainable adapter of ``model`` whose spec names some: a spec class's ``training_hooks``
+    ClassVar, ``"module:factory"`` (code of the train floor), is called as ``factory(model, name, total_steps)``."""
+    found: list[TrainingHooks] = []
+    for name in adapter_names(model):
+        adapters = [host.adapter(name) for _, _, host in placements(model, name)]
+        target = getattr(type(adapters[0].spec), "training_hooks", "")
+        if target and any(p.requires_grad for a in adapters for p in a.parameters()):
+            module, _, factory = target.partition(":")
+            found.append(getattr(importlib.import_module(module), factory)(model, name, total_steps))
+    return found
+
+
 def _micro_batches(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, parts: int, dist: Parallel):
     """This process's rows of a global batch, in ``parts`` micro-batches, each with its weight in the batch mean."""
     rows = ids.shape[0]
@@ -164,6 +192,10 @@ def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTa
     dist = dist or Parallel(config.parallel)
     if dist.sharded and config.checkpoint_every:
         raise AdapterKitError("resumable checkpoints are not supported with --parallel fsdp yet; use ddp")
+    hooks = training_hooks(model, total)  # e.g. AdaLoRA's rank allocation; they hold the adapters' own parameters
+    if hooks and dist.sharded:
+        raise AdapterKitError("an adapter here needs training callbacks (rank allocation), which --parallel fsdp "
+                              "does not support; use ddp")
     dist.shard(model)  # FSDP replaces the parameters with shards: before the optimizer takes them
     optimizer, schedule = adamw_with_warmup(model, config, total)
     generator = torch.Generator().manual_seed(config.seed)
@@ -188,12 +220,18 @@ def run_training(model: nn.Module, tokenizer: Any, train: TextTable, dev: TextTa
             value = 0.0
             for m_ids, m_mask, m_labels, weight in _micro_batches(ids, mask, labels, config.grad_accum, dist):
                 with autocast:
-                    loss = runner(input_ids=m_ids, attention_mask=m_mask, labels=m_labels).loss * weight
+                    loss = runner(input_ids=m_ids, attention_mask=m_mask, labels=m_labels).loss
+                for hook in hooks:
+                    extra = hook.extra_loss(model)
+                    loss = loss if extra is None else loss + extra
+                loss = loss * weight
                 (loss * dist.loss_scale()).backward()
                 value += loss.detach().item()
             value = dist.sum(value)  # the global batch's mean loss
             optimizer.step()
             schedule.step()
+            for hook in hooks:
+                hook.after_step(model, progress["step"])
             optimizer.zero_grad(set_to_none=True)
             progress["step"] += 1
             progress["batch"] = index + 1
