@@ -1,12 +1,16 @@
-"""peft's formats for VeRA, LoHa, LoKr and OFT (adapter_config.json + adapter_model.safetensors), both ways.
+"""peft's formats for VeRA, LoHa, LoKr, OFT and AdaLoRA (adapter_config.json + adapter_model.safetensors), both
+ways.
 
 Keys are peft's saved names: ``base_model.model.<module path>.<peft name>``, with ``vera_lambda_b`` /
-``vera_lambda_d``, ``hada_w1_a`` ... ``hada_w2_b``, ``lokr_w1`` / ``lokr_w1_a`` ... ``lokr_w2_b`` and
-``oft_R.weight``; a VeRA export also holds the shared projections as ``base_model.vera_A`` / ``base_model.vera_B``
-(``save_projection: true``), which an import checks against the ones its seed draws. Options adapterkit cannot
-reproduce (rank / alpha patterns, effective conv, COFT, block sharing, biases, saved modules) are refused with a
-one-line ``StateError`` naming the file; training-time dropouts peft has and adapterkit's forms lack are dropped
-with a warning (they do not change what the adapter computes). Everything is checked before the model changes.
+``vera_lambda_d``, ``hada_w1_a`` ... ``hada_w2_b``, ``lokr_w1`` / ``lokr_w1_a`` ... ``lokr_w2_b``, ``oft_R.weight``
+and ``lora_A`` / ``lora_E`` / ``lora_B``. A VeRA export also holds the shared projections as ``base_model.vera_A`` /
+``base_model.vera_B`` (``save_projection: true``), which an import checks against the ones its seed draws. peft
+stores only the AdaLoRA triplets its ``rank_pattern`` keeps: an export of a pruned adapter writes the kept rows and
+the pattern, an import puts them back at their places in the full ``init_r`` (the others zero); ``ranknum`` is not
+stored (it is init_r). Options adapterkit cannot reproduce (rank / alpha patterns, effective conv, COFT, block
+sharing, biases, saved modules) are refused with a one-line ``StateError`` naming the file; training-time dropouts
+peft has and adapterkit's forms lack are dropped with a warning (they do not change what the adapter computes).
+Everything is checked before the model changes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from adapterkit.core.layers import is_conv1d, layer_info
 from adapterkit.core.spec import AdapterSpec
 from adapterkit.inject.engine import attach, detach, placements
 from adapterkit.interop.peft_format import CONFIG, PREFIX, WEIGHTS, is_causal_lm_model
+from adapterkit.methods.adalora import AdaLoRA
 from adapterkit.methods.loha import LoHa
 from adapterkit.methods.lokr import LoKr
 from adapterkit.methods.oft import OFT
@@ -41,9 +46,10 @@ NAMES: dict[str, tuple[str, dict[str, str]]] = {
     "loha": ("LOHA", {n: f"hada_{n}" for n in ("w1_a", "w1_b", "w2_a", "w2_b")}),
     "lokr": ("LOKR", {n: f"lokr_{n}" for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")}),
     "oft": ("OFT", {"oft_r": "oft_R.weight"}),
+    "adalora": ("ADALORA", {"lora_a": "lora_A", "lora_e": "lora_E", "lora_b": "lora_B"}),
 }
 PROJECTIONS = ("base_model.vera_A", "base_model.vera_B")
-_SUFFIX = re.compile(r"(.+)\.(vera_lambda_[bd]|hada_w[12]_[ab]|lokr_w[12](?:_[ab])?|oft_R\.weight)")
+_SUFFIX = re.compile(r"(.+)\.(vera_lambda_[bd]|hada_w[12]_[ab]|lokr_w[12](?:_[ab])?|oft_R\.weight|lora_[AEB])")
 # (peft key, value meaning "off"): options that change what peft computes and adapterkit has no form of
 _REFUSED: tuple[tuple[str, Any], ...] = (
     ("rank_pattern", {}), ("alpha_pattern", {}), ("use_effective_conv2d", False), ("coft", False),
@@ -62,6 +68,12 @@ def _method_config(spec: AdapterSpec, conv1d: bool) -> dict[str, Any]:
             config.update(decompose_both=spec.decompose_both, decompose_factor=spec.decompose_factor or -1,
                           rank_dropout_scale=False)
         return config
+    if isinstance(spec, AdaLoRA):  # a total_step peft accepts; it steers training only, not what the adapter computes
+        return {"peft_type": "ADALORA", "init_r": spec.init_r, "target_r": spec.target_r, "lora_alpha": spec.alpha,
+                "lora_dropout": spec.dropout, "tinit": spec.tinit, "tfinal": spec.tfinal, "deltaT": spec.deltaT,
+                "beta1": spec.beta1, "beta2": spec.beta2, "orth_reg_weight": spec.orth_reg_weight,
+                "total_step": spec.total_step or spec.tinit + spec.tfinal + 1, "fan_in_fan_out": conv1d,
+                "bias": "none", "use_rslora": False, "use_dora": False, "rank_pattern": None, "alpha_pattern": {}}
     assert isinstance(spec, OFT)
     return {"peft_type": "OFT", "r": spec.r, "oft_block_size": spec.block_size, "module_dropout": 0.0,
             "fan_in_fan_out": False, "bias": "none", "coft": False, "eps": 6e-5, "block_share": False,
@@ -71,8 +83,8 @@ def _method_config(spec: AdapterSpec, conv1d: bool) -> dict[str, Any]:
 
 def export_peft_tuner(model: nn.Module, name: str, out: str | Path, base_model_name_or_path: str | None = None
                       ) -> Path:
-    """Write adapter ``name`` (VeRA, LoHa, LoKr or OFT) of ``model`` in peft's format; ``PeftModel.from_pretrained``
-    loads it and computes the same outputs."""
+    """Write adapter ``name`` (VeRA, LoHa, LoKr, OFT or AdaLoRA) of ``model`` in peft's format;
+    ``PeftModel.from_pretrained`` loads it and computes the same outputs."""
     where = placements(model, name)
     spec = where[0][2].adapter(name).spec
     if spec.method not in NAMES:
@@ -83,7 +95,7 @@ def export_peft_tuner(model: nn.Module, name: str, out: str | Path, base_model_n
         adapter = host.adapter(name)
         if adapter.spec != spec:
             raise StateError(f"export: adapter {name!r} has another spec at {path}; peft's config holds one")
-        if is_conv1d(module) and spec.method != "vera":
+        if is_conv1d(module) and spec.method not in ("vera", "adalora"):
             raise StateError(f"export: {path} is a GPT-2 Conv1D, which peft's {spec.method} cannot adapt")
         for pname, param in adapter.named_parameters():
             tensors[f"{PREFIX}{path}.{NAMES[spec.method][1][pname]}"] = param.detach().cpu().contiguous()
@@ -92,8 +104,10 @@ def export_peft_tuner(model: nn.Module, name: str, out: str | Path, base_model_n
         shared = projections(spec.seed, spec.r, max(i.in_features for i in infos), max(i.out_features for i in infos))
         tensors.update(zip(PROJECTIONS, shared, strict=True))
     config = {**_method_config(spec, any(is_conv1d(m) for _, m, _ in where)),
+              **({"rank_pattern": _kept_only(tensors, name, where)} if isinstance(spec, AdaLoRA) else {}),
               "target_modules": [path for path, _, _ in where], "modules_to_save": None,
-              "init_weights": True, "inference_mode": True,
+              **({"init_lora_weights": True} if isinstance(spec, AdaLoRA) else {"init_weights": True}),
+              "inference_mode": True,
               "task_type": "CAUSAL_LM" if is_causal_lm_model(model) else None,
               "base_model_name_or_path": base_model_name_or_path}
     folder = Path(out)
@@ -102,8 +116,21 @@ def export_peft_tuner(model: nn.Module, name: str, out: str | Path, base_model_n
     return folder
 
 
+def _kept_only(tensors: dict[str, torch.Tensor], name: str, where: list[tuple[str, nn.Module, Any]]
+               ) -> dict[str, list[bool]] | None:
+    """peft's AdaLoRA form: when a triplet is pruned, only the kept rows of each layer and the pattern (by module
+    path); None (all tensors whole) while nothing is."""
+    masks = {path: host.adapter(name).rank_mask.cpu() for path, _, host in where}
+    if all(bool(mask.all()) for mask in masks.values()):
+        return None
+    for path, keep in masks.items():
+        for key, rows in (("lora_A", keep), ("lora_E", keep), ("lora_B", (slice(None), keep))):
+            tensors[f"{PREFIX}{path}.{key}"] = tensors[f"{PREFIX}{path}.{key}"][rows].contiguous()
+    return {f"{path}.lora_E": keep.tolist() for path, keep in masks.items()}
+
+
 def import_peft_tuner(model: nn.Module, folder: str | Path, name: str = "default") -> str:
-    """Attach the peft VeRA / LoHa / LoKr / OFT checkpoint in ``folder`` to ``model`` as ``name``."""
+    """Attach the peft VeRA / LoHa / LoKr / OFT / AdaLoRA checkpoint in ``folder`` to ``model`` as ``name``."""
     folder = Path(folder)
     cfg, weights = folder / CONFIG, folder / WEIGHTS
     config, tensors = _read(folder)
@@ -133,7 +160,7 @@ def import_peft_tuner(model: nn.Module, folder: str | Path, name: str = "default
     with torch.random.fork_rng(devices=cuda):  # the init is overwritten at once: leave the caller's stream alone
         attach(model, name, spec, [f"re:{re.escape(p)}" for p in paths])
     try:
-        _copy(weights, model, name, spec, found, shared)
+        _copy(weights, model, name, spec, found, shared, _pattern(cfg, config) if isinstance(spec, AdaLoRA) else {})
     except BaseException:
         detach(model, name)
         raise
@@ -141,8 +168,11 @@ def import_peft_tuner(model: nn.Module, folder: str | Path, name: str = "default
 
 
 def _copy(weights: Path, model: nn.Module, name: str, spec: AdapterSpec, found: dict[str, dict[str, torch.Tensor]],
-          shared: dict[str, torch.Tensor]) -> None:
+          shared: dict[str, torch.Tensor], pattern: dict[str, list[bool]]) -> None:
     renames = NAMES[spec.method][1]
+    stray = sorted(set(pattern) - set(found))
+    if stray:
+        raise StateError(f"{weights}: rank_pattern names {stray[0]!r}, which holds no adapter tensors here")
     with torch.no_grad():
         for path, _, host in placements(model, name):
             adapter = host.adapter(name)
@@ -152,6 +182,9 @@ def _copy(weights: Path, model: nn.Module, name: str, spec: AdapterSpec, found: 
                 odd = sorted(set(found[path]) ^ wanted)[0]
                 raise StateError(f"{weights}: {path}.{odd} is {'missing' if odd in wanted else 'unexpected'} for "
                                  f"this {spec.method} spec (r, decompose_* or block sizes in {CONFIG})")
+            if isinstance(spec, AdaLoRA):
+                _scatter(weights, path, adapter, found[path], pattern.get(path, [True] * spec.init_r))
+                continue
             for pname, param in ours.items():
                 value = found[path][renames[pname]]
                 if tuple(value.shape) != tuple(param.shape):
@@ -166,12 +199,48 @@ def _copy(weights: Path, model: nn.Module, name: str, spec: AdapterSpec, found: 
                                          f"{spec.seed} draws here (or is missing); adapterkit cannot load it")
 
 
+def _pattern(cfg: Path, config: dict[str, Any]) -> dict[str, list[bool]]:
+    """An AdaLoRA config's rank_pattern by module path (keys ``<path>.lora_E``, or peft's in-training
+    ``<path>.lora_E.<adapter>``)."""
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise StateError(f"{cfg}: rank_pattern must be an object of '<module>.lora_E': [bools]")
+    out = {}
+    for key, keep in pattern.items():
+        path, found, _ = key.partition(".lora_E")
+        if not found or not isinstance(keep, list) or not all(isinstance(k, bool) for k in keep):
+            raise StateError(f"{cfg}: rank_pattern entry {key[:60]!r} is not '<module>.lora_E': [bools]")
+        out[path] = keep
+    return out
+
+
+def _scatter(weights: Path, path: str, adapter: Any, theirs: dict[str, torch.Tensor], keep: list[bool]) -> None:
+    """Copy peft's kept AdaLoRA triplets into the rows ``keep`` marks of the full-rank adapter; the rest zero."""
+    mask = torch.tensor(keep, dtype=torch.bool)
+    if mask.numel() != adapter.lora_e.shape[0]:
+        raise StateError(f"{weights}: rank_pattern of {path} has {mask.numel()} entries, init_r is "
+                         f"{adapter.lora_e.shape[0]}")
+    kept = int(mask.sum())
+    for key, param, rows in (("lora_A", adapter.lora_a, mask), ("lora_E", adapter.lora_e, mask),
+                             ("lora_B", adapter.lora_b, (slice(None), mask))):
+        value = theirs[key]
+        want = param[rows].shape
+        if tuple(value.shape) != tuple(want):
+            raise StateError(f"{weights}: {path}.{key} has shape {tuple(value.shape)}, expected {tuple(want)} "
+                             f"({kept} of {mask.numel()} triplets kept)")
+        param.zero_()
+        param[rows] = value.to(param)
+    adapter.rank_mask.copy_(mask)
+
+
 def _spec(cfg: Path, config: dict[str, Any]) -> AdapterSpec:
     kinds = {peft_type: method for method, (peft_type, _) in NAMES.items()}
     kind = kinds.get(config.get("peft_type"))  # type: ignore[arg-type]
     if kind is None:
         raise StateError(f"{cfg}: peft_type {config.get('peft_type')!r}; this import reads {', '.join(kinds)}")
     for key, off in _REFUSED:
+        if kind == "adalora" and key == "rank_pattern":  # AdaLoRA's rank_pattern: the kept triplets, read by _copy
+            continue
         if config.get(key) and config[key] != off:
             raise StateError(f"{cfg}: {key} is {json.dumps(config[key])[:40]}; adapterkit cannot reproduce it")
     for key in (*_DROPPED, *(("vera_dropout",) if kind != "vera" else ())):
@@ -189,6 +258,14 @@ def _spec(cfg: Path, config: dict[str, Any]) -> AdapterSpec:
             return LoKr(r=config["r"], alpha=float(config.get("alpha", 8)),
                         decompose_both=config.get("decompose_both", False),
                         decompose_factor=None if factor == -1 else factor)
+        if kind == "adalora":
+            return AdaLoRA(init_r=config.get("init_r", 12), target_r=config.get("target_r", 8),
+                           alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout") or 0.0),
+                           tinit=config.get("tinit", 0), tfinal=config.get("tfinal", 0),
+                           deltaT=config.get("deltaT", 1), beta1=float(config.get("beta1", 0.85)),
+                           beta2=float(config.get("beta2", 0.85)),
+                           orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
+                           total_step=config.get("total_step"))
         return OFT(r=config.get("r", 0), block_size=config.get("oft_block_size", 32),
                    cayley="neumann" if config.get("use_cayley_neumann", True) else "exact",
                    neumann_terms=config.get("num_cayley_neumann_terms", 5))
