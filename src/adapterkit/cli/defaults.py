@@ -14,6 +14,7 @@ from adapterkit.core.errors import TargetError
 CANDIDATES: dict[str, list[list[str]]] = {
     "lora": [["query", "value"], ["q_proj", "v_proj"], ["c_attn"], ["q", "v"]],
     "dora": [["query", "value"], ["q_proj", "v_proj"], ["c_attn"], ["q", "v"]],
+    "adalora": [["query", "value"], ["q_proj", "v_proj"], ["c_attn"], ["q", "v"]],
     "ia3": [["key", "value"], ["k_proj", "v_proj"], ["c_attn"]],
     # Pfeiffer placement: after each FFN (the post-norm of a BERT layer, or the mlp block of a pre-norm model)
     "seq_bn": [[r"re:.*layer\.\d+\.output\.LayerNorm"], ["mlp"]],
@@ -38,7 +39,7 @@ _ALL_PROJECTIONS = [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
                     ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],  # no gated MLP
                     ["c_attn", "c_proj", "c_fc"]]  # GPT-2 (Conv1D)
 CAUSAL_LM_CANDIDATES: dict[str, list[list[str]]] = {
-    "lora": _ALL_PROJECTIONS, "dora": _ALL_PROJECTIONS, "vera": _ALL_PROJECTIONS,
+    "lora": _ALL_PROJECTIONS, "dora": _ALL_PROJECTIONS, "vera": _ALL_PROJECTIONS, "adalora": _ALL_PROJECTIONS,
     "loha": _ALL_PROJECTIONS[:2], "lokr": _ALL_PROJECTIONS[:2]}  # peft cannot export LoHa/LoKr on Conv1D
 
 
