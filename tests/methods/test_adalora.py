@@ -226,3 +226,17 @@ def test_training_loop_runs_the_schedule_with_its_own_total() -> None:
     for param in frozen.parameters():
         param.requires_grad_(False)
     assert training_hooks(frozen, 12) == []  # an adapter that does not train gets no schedule
+
+
+def test_sft_loop_runs_the_schedule_too() -> None:
+    from adapterkit.train.sft import SFTConfig, run_sft
+    from tests.train.test_sft import Tok, _data
+
+    model = make_tiny("llama")
+    ak.attach(model, "a", AdaLoRA(init_r=4, target_r=2, tinit=2, tfinal=3), ["q_proj", "v_proj"])
+    ak.train_only(model, "a")
+    config = SFTConfig(epochs=1, batch_size=2, lr=5e-3, seed=0, samples=0, grad_accum=2)
+    trained = run_sft(model, Tok(), _data(24), _data(4, seed=1), config)
+    assert trained["history"]["step"][-1] == 12
+    kept = [h.adapter("a").rank_mask for _, _, h in placements(model, "a")]
+    assert sum(int(m.sum()) for m in kept) == 2 * len(kept)  # the budget was reached inside run_sft

@@ -32,7 +32,7 @@ from adapterkit.inject.engine import attach, train_only
 from adapterkit.inject.quantize import quantize_base
 from adapterkit.inject.state import save
 from adapterkit.train.checkpoint import load_checkpoint, save_checkpoint
-from adapterkit.train.loop import TrainConfig, adamw_with_warmup, check_writable, compute_setup
+from adapterkit.train.loop import TrainConfig, adamw_with_warmup, check_writable, compute_setup, training_hooks
 from adapterkit.train.sft_data import IGNORE, Conversation, Tokenized, prompt_ids
 
 GROUP = 50  # batches per length-sorted mega-batch (HF's LengthGroupedSampler uses 50 too)
@@ -199,6 +199,7 @@ def run_sft(model: nn.Module, tokenizer: Any, train: Tokenized, dev: Tokenized, 
     total = steps_per_epoch * config.epochs
     if config.max_steps:
         total = min(total, config.max_steps)
+    hooks = training_hooks(model, total)  # e.g. AdaLoRA's rank allocation (train/loop.py)
     optimizer, schedule = adamw_with_warmup(model, config, total)
     generator = torch.Generator().manual_seed(config.seed)
     history: dict[str, list] = {"step": [], "loss": [], "epoch": [], "epoch_step": [], "dev_accuracy": [],
@@ -230,10 +231,15 @@ def run_sft(model: nn.Module, tokenizer: Any, train: Tokenized, dev: Tokenized, 
                 with autocast:
                     logp, _ = token_logprobs(model, part)
                 loss = -logp.sum() / count  # token-weighted over the whole batch, whatever the split
+                for hook in hooks:  # a regulariser counts once a batch: each micro-batch gets its share
+                    extra = hook.extra_loss(model)
+                    loss = loss if extra is None else loss + extra * (part.tokens / count)
                 loss.backward()
                 value += float(loss.detach())
             optimizer.step()
             schedule.step()
+            for hook in hooks:
+                hook.after_step(model, progress["step"])
             optimizer.zero_grad(set_to_none=True)
             progress["step"] += 1
             progress["batch"] = index + 1
