@@ -31,6 +31,26 @@ MODES = {"corda_ipm": "ipm", "corda_kpm": "kpm"}
 _WAITING: weakref.WeakKeyDictionary[nn.Module, Tensor] = weakref.WeakKeyDictionary()
 
 
+@torch.no_grad()
+def sample_grams(x: Tensor, mask: Tensor | None) -> list[Tensor]:
+    """``X^T X`` of each sample of a (batch, tokens, features) input (``mask``: (batch, tokens), 1 = real token) or
+    of a (tokens, features) one, each sample first scaled by ``1 / |max(X)|`` (peft's normalisation)."""
+    x = x.detach().float()
+    if x.dim() == 2:
+        x = x[None]
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if mask is not None and tuple(mask.shape) == tuple(x.shape[:2]):
+        keep = mask.to(device=x.device).bool()
+    peaks = torch.where(keep[..., None], x, float("-inf")).amax(dim=(1, 2)).abs()
+    used = keep.any(dim=1)
+    scaled = x[used] / peaks[used, None, None]
+    if not torch.isfinite(scaled).all():
+        raise ValueError("calibration input holds NaN or inf values (or a sample that is all zeros)")
+    # one gram a sample (a batched gram rounds differently, ~1e-5 in KPM's smallest components)
+    return [rows.t() @ rows for rows in (sample[real] for sample, real in zip(scaled, keep[used], strict=True))]
+
+
 class Covariance:
     """The running sum of ``X^T X`` over samples of one layer's input (float32), with the sample count."""
 
@@ -38,25 +58,13 @@ class Covariance:
         self.total: Tensor | None = None
         self.samples = 0
 
-    @torch.no_grad()
     def add(self, x: Tensor, mask: Tensor | None) -> None:
-        """Add the samples of a (batch, tokens, features) input (``mask``: (batch, tokens), 1 = real token) or of
-        a (tokens, features) one."""
-        x = x.detach().float()
-        if x.dim() == 2:
-            x = x[None]
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
-        keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        if mask is not None and tuple(mask.shape) == tuple(x.shape[:2]):
-            keep = mask.to(device=x.device).bool()
-        peaks = torch.where(keep[..., None], x, float("-inf")).amax(dim=(1, 2)).abs()  # peft: |max(X)| per sample
-        used = keep.any(dim=1)
-        scaled = x[used] / peaks[used, None, None]
-        if not torch.isfinite(scaled).all():
-            raise ValueError("calibration input holds NaN or inf values (or a sample that is all zeros)")
-        for sample, real in zip(scaled, keep[used], strict=True):  # one gram a sample, summed in order: peft's
-            rows = sample[real]  # arithmetic to the last bit (a batched gram rounds differently, ~1e-5 in KPM's
-            gram = rows.t() @ rows  # smallest components)
+        """Add the samples of an input (see ``sample_grams``)."""
+        self.add_grams(sample_grams(x, mask))
+
+    def add_grams(self, grams: list[Tensor]) -> None:
+        """Add per-sample grams one by one, in order: peft's arithmetic to the last bit."""
+        for gram in grams:
             self.total = gram if self.total is None else self.total + gram
             self.samples += 1
 

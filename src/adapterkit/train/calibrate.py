@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.inject.select import Targets, select
-from adapterkit.methods.corda import Covariance, wait
+from adapterkit.methods.corda import Covariance, sample_grams, wait
 
 
 def calibrate_corda(model: nn.Module, batches: Iterable[Mapping[str, Tensor] | Tensor], targets: Targets,
@@ -33,13 +33,17 @@ def calibrate_corda(model: nn.Module, batches: Iterable[Mapping[str, Tensor] | T
     sums = {path: Covariance() for path, _ in chosen}
     current: dict[str, Tensor | None] = {"mask": None}
 
+    last: dict[str, Any] = {"input": None, "grams": None}  # q, k and v read one tensor: its grams once
+
     def hook_for(path: str) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if args and isinstance(args[0], Tensor):
-                try:
-                    sums[path].add(args[0], current["mask"])
-                except ValueError as exc:
-                    raise AdapterKitError(f"calibrate_corda: {path}: {exc}") from None
+                if args[0] is not last["input"]:
+                    try:
+                        last.update(input=args[0], grams=sample_grams(args[0], current["mask"]))
+                    except ValueError as exc:
+                        raise AdapterKitError(f"calibrate_corda: {path}: {exc}") from None
+                sums[path].add_grams(last["grams"])
         return hook
 
     handles = [module.register_forward_hook(hook_for(path)) for path, module in chosen]
@@ -55,6 +59,7 @@ def calibrate_corda(model: nn.Module, batches: Iterable[Mapping[str, Tensor] | T
                 inputs = {k: v for k, v in inputs.items() if k != "labels"}  # calibration needs no loss
                 current["mask"] = inputs.get("attention_mask")
                 model(**inputs)
+                last.update(input=None, grams=None)
     finally:
         for handle in handles:
             handle.remove()
