@@ -114,10 +114,14 @@ def stored_bytes(folder: Path) -> int:
 
 
 def train_once(task: Task, name: str, spec: Any, targets: Any, seed: int, protocol: Protocol = Protocol(),
-               lr: float | None = None, out: Path | None = None) -> dict[str, Any]:
-    """Train ``spec`` on ``task`` under ``protocol`` with ``seed``; returns accuracy, sizes and time.
+               lr: float | None = None, out: Path | None = None, config_fields: dict[str, Any] | None = None,
+               prepare: Any = None) -> dict[str, Any]:
+    """Train ``spec`` on ``task`` under ``protocol`` with ``seed``; returns accuracy, sizes, time and the loss
+    of every step.
 
     ``stored_bytes`` counts the adapter alone (saved without the classifier head, which every method shares).
+    ``config_fields`` sets further TrainConfig fields (e.g. ``lora_plus_ratio``); ``prepare(model, tokenizer)`` runs
+    on the loaded model before the adapter attaches (e.g. CorDA's calibration).
     """
     import adapterkit as ak
     from adapterkit.cli.commands import load_classifier
@@ -126,7 +130,9 @@ def train_once(task: Task, name: str, spec: Any, targets: Any, seed: int, protoc
     seed_everything(seed)
     model, tokenizer = load_classifier(minilm_dir(), task.num_labels)
     config = TrainConfig(epochs=protocol.epochs, lr=lr or protocol.lr, batch_size=protocol.batch_size,
-                         max_length=protocol.max_length, seed=seed)
+                         max_length=protocol.max_length, seed=seed, **(config_fields or {}))
+    if prepare is not None:
+        prepare(model, tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         folder = out or Path(tmp)
         start = time.perf_counter()
@@ -137,7 +143,8 @@ def train_once(task: Task, name: str, spec: Any, targets: Any, seed: int, protoc
         size = stored_bytes(folder / "adapter_only")
     return {"task": task.name, "seed": seed, "dev_accuracy": metrics["dev_accuracy"],
             "trainable_parameters": metrics["trainable_parameters"], "stored_bytes": size,
-            "train_seconds": metrics["train_seconds"], "wall_seconds": round(wall, 1), "model": model}
+            "train_seconds": metrics["train_seconds"], "wall_seconds": round(wall, 1), "model": model,
+            "loss_history": metrics["history"]["loss"]}
 
 
 def with_rows(protocol: Protocol, rows: int | None) -> Protocol:
