@@ -18,6 +18,7 @@ rerun, so the work can be split over two processes and resumed:
     cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src:. python lowrank_table.py minilm --worker 1/2
     cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src:. python lowrank_table.py smollm2
     cd benchmarks && PYTHONPATH=../src:. python lowrank_table.py table          # the markdown tables
+    cd benchmarks && PYTHONPATH=../src:. python lowrank_table.py plot           # lowrank_init_loss.png
 """
 
 from __future__ import annotations
@@ -114,16 +115,18 @@ def _calibrator(kind: str | None, targets: list[str], task_ids: Any, chat: bool)
     return prepare
 
 
-def run_minilm(worker: int, workers: int, only: list[str] | None) -> None:
+def run_minilm(worker: int, workers: int, only: list[str] | None, lr: float | None = None,
+               tasks: tuple[str, ...] = ("sst2", "subj", "trec")) -> None:
     from adapterkit.train.loop import encode
     from tasks import Protocol, load_task, subset, train_once
 
     protocol = Protocol(train_rows=1000, epochs=2)
-    jobs = [(task, name, seed) for task in ("sst2", "subj", "trec") for name in minilm_methods()
+    jobs = [(task, name, seed) for task in tasks for name in minilm_methods()
             for seed in SEEDS if not only or name in only]
     done = _done()
     for index, (task_name, name, seed) in enumerate(jobs):
-        key = f"minilm/{task_name}/{name}/{seed}"
+        label = name if lr is None else f"{name} @ lr {lr:g}"
+        key = f"minilm/{task_name}/{label}/{seed}"
         if index % workers != worker or key in done:
             continue
         spec, targets, fields, calibration = minilm_methods()[name]
@@ -135,10 +138,10 @@ def run_minilm(worker: int, workers: int, only: list[str] | None) -> None:
         task = load_task(task_name)
         rows = subset(task.train, protocol.train_rows, seed)
         prepare = _calibrator(calibration, targets, lambda tok, rows=rows: encode(tok, rows, 64).ids, chat=False)
-        result = train_once(task, "m", spec, targets, seed, protocol, config_fields=fields, prepare=prepare)
+        result = train_once(task, "m", spec, targets, seed, protocol, lr=lr, config_fields=fields, prepare=prepare)
         result.pop("model")
         losses = result.pop("loss_history")
-        result.update(key=key, part="minilm", method=name, loss_first25=round(statistics.mean(losses[:25]), 4),
+        result.update(key=key, part="minilm", method=label, loss_first25=round(statistics.mean(losses[:25]), 4),
                       loss_last25=round(statistics.mean(losses[-25:]), 4),
                       loss_curve=[round(v, 4) for v in losses])
         _append(result)
@@ -160,7 +163,7 @@ def _general_loss(model: Any, held: Any, pad_id: int) -> float:
     return round(dev_loss(model, held, 16, pad_id)["loss"], 4)
 
 
-def run_smollm2(only: list[str] | None, rows: int, dev_rows: int) -> None:
+def run_smollm2(only: list[str] | None, rows: int, dev_rows: int, lr: float | None = None) -> None:
     import adapterkit as ak
     from adapterkit.models import load_pretrained
     from adapterkit.train import gen_classify
@@ -185,8 +188,9 @@ def run_smollm2(only: list[str] | None, rows: int, dev_rows: int) -> None:
         _append(record)
         print(json.dumps(record), flush=True)
     for name, (spec, calibration) in smollm2_methods().items():
-        for seed in SEEDS:
-            key = f"smollm2/sst2/{name}/{seed}"
+        label = name if lr is None else f"{name} @ lr {lr:g}"
+        for seed in SEEDS if lr is None else SEEDS[:1]:
+            key = f"smollm2/sst2/{label}/{seed}"
             if (only and name not in only) or key in done:
                 continue
             seed_everything(seed)
@@ -206,14 +210,14 @@ def run_smollm2(only: list[str] | None, rows: int, dev_rows: int) -> None:
             setup = time.perf_counter() - start
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             one_row = type(dev)(dev.ids[:1], dev.labels[:1], dev.where[:1])  # run_sft's per-epoch loss: negligible
-            config = SFTConfig(epochs=1, lr=5e-4, batch_size=16, max_length=160, seed=seed, samples=0)
+            config = SFTConfig(epochs=1, lr=lr or 5e-4, batch_size=16, max_length=160, seed=seed, samples=0)
             trained = run_sft(model, tok, train, one_row, config)
             losses = trained["history"]["loss"]
             scores = gen_classify.evaluate(model, tok, task, dev_table, batch_size=32)
             with tempfile.TemporaryDirectory() as tmp:
                 ak.save(model, Path(tmp) / "a", "t")
                 stored = sum(f.stat().st_size for f in (Path(tmp) / "a").rglob("*") if f.is_file())
-            record = {"key": key, "part": "smollm2", "method": name, "seed": seed, "trainable_parameters": trainable,
+            record = {"key": key, "part": "smollm2", "method": label, "seed": seed, "trainable_parameters": trainable,
                       "stored_bytes": stored, "init_seconds": round(setup, 1),
                       "train_seconds": round(trained["seconds"], 1), "steps": len(losses),
                       "loss_first10": round(statistics.mean(losses[:10]), 4),
@@ -270,13 +274,46 @@ def table() -> None:
               f"{statistics.mean(r.get('train_seconds', 0) for r in runs_):.0f} |")
 
 
+INITS = ("LoRA r=8", "PiSSA r=8", "OLoRA r=8", "CorDA IPM r=8", "CorDA KPM r=8")
+
+
+def plot(out: Path) -> None:
+    """Training loss per step (mean of the seeds, 10-step moving average) of LoRA and the inits from the base
+    weight, one panel per MiniLM task: the "converges faster" claims as curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(line) for line in RESULTS.read_text().splitlines() if '"minilm"' in line]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for axis, task in zip(axes, ("sst2", "subj", "trec"), strict=True):
+        for method in INITS:
+            curves = [r["loss_curve"] for r in runs if r["method"] == method and r["task"] == task]
+            if not curves:
+                continue
+            mean = [statistics.mean(v) for v in zip(*curves, strict=True)]
+            smooth = [statistics.mean(mean[max(0, i - 9):i + 1]) for i in range(len(mean))]
+            axis.plot(range(1, len(smooth) + 1), smooth, label=method)
+        axis.set_title(f"MiniLM {task.upper()}: train loss (2 seeds, 10-step mean)")
+        axis.set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     global RESULTS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["minilm", "smollm2", "table"])
+    parser.add_argument("part", choices=["minilm", "smollm2", "table", "plot"])
     parser.add_argument("--worker", default="0/1", help="I/N: run every N-th job starting at I (default 0/1)")
     parser.add_argument("--only", nargs="+", default=None, metavar="METHOD",
                         help="these method names only (smollm2: 'base' for the zero-shot row)")
+    parser.add_argument("--lr", type=float, default=None, help="another learning rate than the protocol's (minilm "
+                        "2e-3, smollm2 5e-4; rows are labelled with it; smollm2: seed 0 only)")
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "subj", "trec"], help="minilm: these tasks")
     parser.add_argument("--rows", type=int, default=600, help="SmolLM2 training rows (default 600)")
     parser.add_argument("--dev-rows", type=int, default=256, help="SmolLM2 dev rows (default 256)")
     parser.add_argument("--results", default=None, help="JSONL of runs (default results/lowrank_table.jsonl)")
@@ -286,9 +323,11 @@ def main() -> None:
     random.seed(0)
     if args.part == "minilm":
         worker, workers = map(int, args.worker.split("/"))
-        run_minilm(worker, workers, args.only)
+        run_minilm(worker, workers, args.only, args.lr, tuple(args.tasks))
     elif args.part == "smollm2":
-        run_smollm2(args.only, args.rows, args.dev_rows)
+        run_smollm2(args.only, args.rows, args.dev_rows, args.lr)
+    elif args.part == "plot":
+        plot(Path(__file__).resolve().parent / "lowrank_init_loss.png")
     else:
         table()
 
