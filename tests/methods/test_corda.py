@@ -12,12 +12,11 @@ import torch
 
 import adapterkit as ak
 from adapterkit.arith.residual_lora import residual_to_lora
-from adapterkit.inject.engine import placements
 from adapterkit.interop.peft_format import export_peft
 from adapterkit.methods.corda import Covariance, corda_factors, damped, waiting
 from adapterkit.train.calibrate import calibrate_corda
 from tests.conftest import make_tiny, tokens
-from tests.methods.test_lora_init import _aligned, _train
+from tests.methods.test_lora_init import _train, check_residual_init
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora.config import CordaConfig  # noqa: E402
@@ -50,29 +49,10 @@ def _pair(mode: str, kind: str = "llama", targets: list[str] = LLAMA, r: int = 4
                                                ("ipm", "gpt2", ["c_attn", "c_fc"])])
 def test_corda_matches_peft(mode, kind, targets) -> None:
     base, ours, theirs, covariances = _pair(mode, kind, targets)
-    found = placements(ours, "c")
-    assert found and sorted(covariances) == sorted(p for p, _, _ in found)
-    for path, module, host in found:
-        adapter = host.adapter("c")
-        layer = theirs.base_model.model.get_submodule(path)
-        a_peft, b_peft = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        assert (_aligned(adapter.lora_a, a_peft, 1) - a_peft).abs().max() <= 1e-5
-        assert (_aligned(adapter.lora_b, b_peft, 0) - b_peft).abs().max() <= 1e-5
-        assert (module.weight - layer.get_base_layer().weight).abs().max() <= 1e-5  # the residual base
-        assert adapter.spec.init == "residual" and waiting(module) is None  # the covariance was used once
-    ids = tokens(batch=2, length=10)
-    expected, got = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
-    assert (got - expected).abs().max() <= 1e-5
-    assert (got - base(input_ids=ids).logits).abs().max() <= 1e-4  # starts as the base model
-    expected.sum().backward()
-    got.sum().backward()
-    for path, _, host in found:
-        layer = theirs.base_model.model.get_submodule(path)
-        for mine, theirs_param, dim in ((host.adapter("c").lora_a, layer.lora_A["default"].weight, 1),
-                                        (host.adapter("c").lora_b, layer.lora_B["default"].weight, 0)):
-            assert mine.grad is not None and mine.grad.abs().max() > 0
-            aligned = _aligned(mine.grad, theirs_param.grad, dim)
-            assert (aligned - theirs_param.grad).abs().max() <= 1e-4 * (1 + theirs_param.grad.abs().max())
+    found = check_residual_init(base, ours, theirs, "c")
+    assert sorted(covariances) == sorted(p for p, _, _ in found)
+    for _, module, host in found:
+        assert host.adapter("c").spec.init == "residual" and waiting(module) is None  # the covariance was used once
 
 
 def test_padding_is_left_out_of_the_covariance() -> None:

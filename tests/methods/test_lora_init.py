@@ -53,17 +53,26 @@ def test_init_matches_peft(init, kind, targets, monkeypatch) -> None:
     monkeypatch.setattr(torch, "svd_lowrank", seeded)
     monkeypatch.setattr("peft.tuners.lora.layer.svd_lowrank", seeded)
     base, ours, theirs = _pair(init, kind, targets)
-    found = placements(ours, "p")
-    assert found
+    found = check_residual_init(base, ours, theirs, "p")
     for path, module, host in found:
         adapter = host.adapter("p")
+        assert torch.equal(adapter.lora_a0, adapter.lora_a) and torch.equal(adapter.lora_b0, adapter.lora_b)
+        assert (module.weight - base.get_submodule(path).weight).abs().max() > 1e-3  # really moved
+
+
+def check_residual_init(base, ours, theirs, name: str) -> list:
+    """An adapter initialised from the base weight against peft's ``theirs``: factors (up to each component's sign)
+    and residual base weights equal, outputs equal and the base model's, gradients equal up to sign; returns the
+    placements."""
+    found = placements(ours, name)
+    assert found
+    for path, module, host in found:
+        adapter = host.adapter(name)
         layer = theirs.base_model.model.get_submodule(path)
         a_peft, b_peft = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         assert (_aligned(adapter.lora_a, a_peft, 1) - a_peft).abs().max() <= 1e-5
         assert (_aligned(adapter.lora_b, b_peft, 0) - b_peft).abs().max() <= 1e-5
-        assert torch.equal(adapter.lora_a0, adapter.lora_a) and torch.equal(adapter.lora_b0, adapter.lora_b)
         assert (module.weight - layer.get_base_layer().weight).abs().max() <= 1e-5  # the residual base
-        assert (module.weight - base.get_submodule(path).weight).abs().max() > 1e-3  # really moved
     ids = tokens(batch=2, length=10)
     expected, got = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
     assert (got - expected).abs().max() <= 1e-5
@@ -72,12 +81,12 @@ def test_init_matches_peft(init, kind, targets, monkeypatch) -> None:
     got.sum().backward()
     for path, _, host in found:
         layer = theirs.base_model.model.get_submodule(path)
-        for mine, peft_param in ((host.adapter("p").lora_a, layer.lora_A["default"].weight),
-                                 (host.adapter("p").lora_b, layer.lora_B["default"].weight)):
+        for mine, peft_param, dim in ((host.adapter(name).lora_a, layer.lora_A["default"].weight, 1),
+                                      (host.adapter(name).lora_b, layer.lora_B["default"].weight, 0)):
             assert mine.grad is not None and mine.grad.abs().max() > 0
-            # the factors match up to sign, and so do their gradients
-            aligned = _aligned(mine.grad, peft_param.grad, 1 if mine is host.adapter("p").lora_a else 0)
+            aligned = _aligned(mine.grad, peft_param.grad, dim)  # the factors match up to sign, so do their grads
             assert (aligned - peft_param.grad).abs().max() <= 1e-4 * (1 + peft_param.grad.abs().max())
+    return found
 
 
 def _train(model: nn.Module, name: str, steps: int = 3) -> None:
