@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.inject.select import Targets, select
 from adapterkit.methods.corda import Covariance, sample_grams, wait
+from adapterkit.train.loop import Encoded
+from adapterkit.train.loop import batches as padded_batches
 
 
 def calibrate_corda(model: nn.Module, batches: Iterable[Mapping[str, Tensor] | Tensor], targets: Targets,
@@ -78,14 +80,6 @@ def calibrate_corda(model: nn.Module, batches: Iterable[Mapping[str, Tensor] | T
 def id_batches(ids: list[list[int]], pad_id: int, rows: int = 256, size: int = 8) -> list[dict[str, Tensor]]:
     """The first ``rows`` token-id lists as right-padded model inputs of ``size`` rows each (empty ones skipped)."""
     kept = [seq for seq in ids if seq][:rows]
-    out = []
-    for start in range(0, len(kept), size):
-        chunk = kept[start:start + size]
-        width = max(map(len, chunk))
-        batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            batch[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        out.append({"input_ids": batch, "attention_mask": mask})
-    return out
+    data = Encoded(kept, torch.zeros(len(kept), dtype=torch.long))  # the training loop's padding; no labels
+    return [{"input_ids": batch, "attention_mask": mask}
+            for batch, mask, _ in padded_batches(data, size, list(range(len(kept))), pad_id)]
