@@ -183,13 +183,15 @@ def explain(model: nn.Module, targets: Targets | None = None, spec: AdapterSpec 
     ``trainable params: X || all params: Y || trainable%: Z`` line."""
     if targets is None and spec is None:
         return summarize(model)
-    rows = []
-    for path, module in select(model, targets):  # type: ignore[arg-type]  # None: select's one-line error
-        count = 0
-        if spec is not None:
+    chosen = select(model, targets)  # type: ignore[arg-type]  # None: select's one-line error
+    counts = [0] * len(chosen)
+    if spec is not None:
+        for path, module in chosen:
             spec.check_target(module, path)
-            with torch.random.fork_rng(devices=[]):  # a dry run must not move the seeded random stream
-                count = sum(p.numel() for p in spec.for_counting().build(module).parameters())
-        rows.append(PlanRow(path, type(module).__name__, count))
+        with torch.random.fork_rng(devices=[]):  # a dry run must not move the seeded random stream
+            # all placements at once, as attach builds them: a parameter they share counts once, where it is kept
+            built = spec.for_counting().build_all([module for _, module in chosen])
+            counts = [sum(p.numel() for p in each.parameters()) for each in built]
+    rows = [PlanRow(path, type(module).__name__, count) for (path, module), count in zip(chosen, counts)]
     total = sum(p.numel() for n, p in model.named_parameters() if f".{HOST_ATTR}." not in f".{n}")
     return Plan(tuple(rows), total)
