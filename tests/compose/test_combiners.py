@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import adapterkit as ak
+from adapterkit.compose.mma import MMA
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.inject.engine import placements
 from tests.conftest import make_tiny, randomize, tokens
@@ -43,6 +44,29 @@ CASES["poly"] = [
     ("bert", ak.compose.Poly(n_tasks=2, n_skills=3), ["query", "value"], _poly_skills(3, ["query", "value"])),
     ("gpt2", ak.compose.Poly(n_tasks=3, n_skills=2, n_splits=4, sampling="sigmoid"), ["c_attn", "c_fc"],
      _poly_skills(2, ["c_attn", "c_fc"])),
+]
+
+# ---- Mix: mma (LaVIN's mixture-of-modality router; learned routing: task routing has no parameters to train and is
+# covered by tests/compose/test_mma.py), compose/mma.py ---------------------------------------------------------------
+
+def _mma_children(spec: Any, targets: list[str], count: int) -> Callable[[nn.Module], Any]:
+    def make(model: nn.Module) -> Any:
+        names = [f"mod{i}" for i in range(count)]
+        for index, name in enumerate(names):
+            torch.manual_seed(300 + index)
+            ak.attach(model, name, spec, targets)
+            randomize(model, name, scale=0.2, seed=400 + index)
+        return ak.Mix(*names, name="router")
+    return make
+
+
+_PFEIFFER = [r"re:.*layer\.\d+\.output\.LayerNorm"]
+CASES["mma"] = [
+    ("bert", MMA(experts=2), ["query", "value"], _mma_children(ak.LoRA(r=2), ["query", "value"], 2)),
+    ("llama", MMA(experts=3, pool="mean", temperature=1.0), ["self_attn"],
+     _mma_children(ak.ParBottleneck(hidden=4, activation="identity"), ["self_attn"], 3)),
+    ("bert", MMA(experts=2, reads="output", temperature=2.0), _PFEIFFER,
+     _mma_children(ak.SeqBottleneck(reduction_factor=4), _PFEIFFER, 2)),
 ]
 
 # ---- (other combiners: add their sections above this line) -------------------------------------------------------
