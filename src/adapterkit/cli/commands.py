@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_dir = args.model or default_model_dir()
     seed_everything(args.seed)
     model, tokenizer = load_classifier(model_dir, len(labels))
-    chosen = targets(args, model)
+    chosen = targets(args, model, spec)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                          max_steps=args.max_steps, seed=args.seed, head=[h for h in args.head.split(",") if h],
                          grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing or False,
@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     calibrated = calibrate_if_needed(args, spec, model, tokenizer, chosen,
                                      lambda: encode(tokenizer, train, args.max_length).ids, args.max_length)
     plan = ak.explain(model, chosen, spec)
-    print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(chosen)}): "
+    print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(chosen) or 'its call'}): "
           f"{plan.adapter_params:,} adapter parameters")
     record = {"model": str(Path(model_dir).resolve()), "data": data_name, "train_file": train_path,
               "dev_file": dev_path, "labels": labels, "targets": chosen,
@@ -240,7 +240,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     spec = parse_spec(args.method, args.param)
     model = AutoModel.from_pretrained(args.model or default_model_dir())
-    print(ak.explain(model, targets(args, model), spec))
+    print(ak.explain(model, targets(args, model, spec), spec))
     return 0
 
 

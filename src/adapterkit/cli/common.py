@@ -71,11 +71,14 @@ def parse_spec(method: str, params: list[str]) -> ak.core.spec.AdapterSpec:  # t
         raise SpecError(f"{method}: {exc}") from None
 
 
-def targets(args: argparse.Namespace, model: Any) -> list[str]:
-    """``--targets`` split at commas, or the method's default placement on this model."""
+def targets(args: argparse.Namespace, model: Any, spec: Any, causal_lm: bool = False) -> list[str]:
+    """``--targets`` split at commas, or the method's default placement on this model ([] for a method that places
+    itself, such as prompt tuning)."""
     if args.targets:
         return [t.strip() for t in args.targets.split(",") if t.strip()]
-    return default_targets(model, args.method)
+    if spec.default_targets(model) is not None:
+        return []
+    return default_targets(model, args.method, causal_lm=causal_lm)
 
 
 def read_run(run: str) -> dict[str, Any]:

@@ -61,8 +61,7 @@ def _is_table(path: str) -> bool:
 
 
 def cmd_train_lm(args: argparse.Namespace) -> int:
-    from adapterkit.cli.common import parse_spec
-    from adapterkit.cli.defaults import default_targets
+    from adapterkit.cli.common import parse_spec, targets
     from adapterkit.models import load_pretrained, resolve
     from adapterkit.train.loop import check_writable, seed_everything
     from adapterkit.train.sft import fit_sft, sample_prompts
@@ -93,8 +92,7 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
         on_epoch = None
     if dev_path is None:
         record["dev_split"] = {"share": DEV_SHARE, "seed": config.seed}
-    chosen = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else \
-        default_targets(model, spec.method, causal_lm=True)
+    chosen = targets(args, model, spec, causal_lm=True)
     record["targets"] = chosen
     import adapterkit as ak
     from adapterkit.cli.common import calibrate_if_needed
@@ -103,7 +101,7 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
     if calibrated:
         record["calibration"] = calibrated
     plan = ak.explain(model, chosen, spec)
-    print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(chosen)}): {plan.adapter_params:,} adapter "
+    print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(chosen) or 'its call'}): {plan.adapter_params:,} adapter "
           f"parameters; {len(train)} train / {len(dev)} dev examples{_cuts(train, dev, config.max_length)}")
     samples = sample_prompts(tokenizer, conversations, config.samples)
     metrics = fit_sft(model, tokenizer, spec, chosen, train, dev, config, out, record, samples=samples,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from adapterkit.core.context import Setup, inplace_allowed, setup_for
+from adapterkit.core.context import Setup, inplace_allowed, setup_for, task_ids_in
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.core.interpret import apply_all, block_inputs, run_block
 from adapterkit.core.layers import read_weight, supports_inplace_delta, write_weight
@@ -35,6 +35,7 @@ class Host(nn.Module):
         self.beside: dict[str, list[str]] = {}
         self.fingerprint = fingerprint
         self._has_inputs = False  # lets the pre-hook return at once in the common case
+        self._has_calls = False  # CALL adapters (prompt / prefix methods) are held here
         self.select_cache: dict[str, Any] = {}  # stacked weights for Select, reused while they are unchanged
         # the setups of the last forward with and without grad mode, for activation checkpointing (see _setup)
         self._last_setup: dict[bool, Setup | None] = {True: None, False: None}
@@ -62,14 +63,19 @@ class Host(nn.Module):
         spec: Any = adapter.spec
         if not spec.role:  # a combiner never runs on its own, only through its block
             self.active.append(name)
-        self._has_inputs = any(getattr(a, "site", None) is Site.INPUT for a in self._modules.values())
+        self._sites_changed()
 
     def remove(self, name: str) -> None:
         """Drop ``name`` (the caller unmerges it first)."""
         del self._modules[name]
         self.active = [n for n in self.active if n != name]
         self.beside.pop(name, None)
-        self._has_inputs = any(getattr(a, "site", None) is Site.INPUT for a in self._modules.values())
+        self._sites_changed()
+
+    def _sites_changed(self) -> None:
+        sites = {getattr(a, "site", None) for a in self._modules.values()}
+        self._has_inputs = Site.INPUT in sites or Site.CALL in sites
+        self._has_calls = Site.CALL in sites
 
     # -- merging into the base module's weights ----------------------------------------------------
     @torch.no_grad()
@@ -134,12 +140,39 @@ class Host(nn.Module):
         return self._last_setup[type(node).__name__ != "CheckpointFunctionBackward"]
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not self._has_inputs or not args:
+        if not self._has_inputs:
             return None
-        new = run_inputs(self, self._setup(), args[0])
-        return None if new is args[0] else ((new, *args[1:]), kwargs)
+        setup = self._setup()
+        changed = False
+        if self._has_calls:
+            for adapter in self._calls(setup):
+                args, kwargs = adapter.before(module, args, kwargs)
+                changed = True
+        if not args:
+            return (args, kwargs) if changed else None
+        new = run_inputs(self, setup, args[0])
+        return ((new, *args[1:]), kwargs) if changed or new is not args[0] else None
+
+    def _calls(self, setup: Setup | None) -> list[Any]:
+        """The CALL adapters that run in this call (a Select or block never runs them: ``use`` refuses that)."""
+        if setup is not None and (setup.block is not None or setup.select is not None):
+            return []
+        return [a for a in self.running(None if setup is None else setup.names) if a.site is Site.CALL]
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._has_calls:
+            calls = self._calls(self._setup())
+            if calls:
+                new = self._post_hook_tensors(module, args, kwargs, output)
+                output = output if new is None else new
+                for adapter in calls:
+                    output = adapter.after(module, args, kwargs, output)
+                return output
+        return self._post_hook_tensors(module, args, kwargs, output)
+
+    def _post_hook_tensors(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not args and not kwargs:
+            return None
         x = args[0] if args else next(iter(kwargs.values()))
         # modules such as attention blocks return (hidden, extras...): adapters act on the first element
         hidden = output[0] if isinstance(output, tuple) else output
@@ -182,3 +215,12 @@ def host_of(module: nn.Module) -> Host | None:
     """The host on ``module``, if any."""
     host = module._modules.get(HOST_ATTR)
     return host if isinstance(host, Host) else None
+
+
+def task_ids_for(module: nn.Module, x: Tensor) -> Tensor | None:
+    """Task id per row of ``x`` in the current call, for an adapter on base module ``module`` (the one it was built
+    for): what ``use(model, ..., task_ids=)`` gave, with a block or with plain adapter names; None when it gave
+    none. Adapters that read each row's task (a task-conditioned hypernetwork) call this from their forward; the
+    host's setup is the one its hooks run (also in an activation-checkpointing recompute)."""
+    host = host_of(module)
+    return None if host is None else task_ids_in(host._setup(), x)

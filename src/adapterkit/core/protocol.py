@@ -25,6 +25,13 @@ PARALLEL adapters may implement ``add_into(x, out) -> out``: ``out + forward(x, 
 Embedding outputs, which autograd does not keep): a low-rank delta then goes straight into the output by one
 accumulating matmul, with no delta-sized tensor allocated, written and read back.
 
+``Site.CALL`` adapters act on the whole call of their base module, for methods that change what the module is called
+with rather than one tensor (the ``WrapsCall`` protocol): ``before(module, args, kwargs)`` returns the new
+``(args, kwargs)`` (prompt tuning prepends learned embeddings and widens the attention mask and labels; prefix
+tuning hands the model a KV cache holding learned keys and values), and ``after(module, args, kwargs, output)``
+returns the new output (strips the virtual positions from the logits; adds a gated prompt attention to an attention
+block's output). They run on their own adapters only: a Select or a composition block refuses them.
+
 OUTPUT adapters whose output is ``finish(stream + delta)`` (a sequential adapter that re-enters a post-norm) may
 implement ``parts(x, base_out) -> (stream, delta, finish)``: combiners that mix adapter outputs before the residual
 and the norm (AdapterFusion, ScaLearn) read it through ``Branch.parts``; without it a branch splits as
@@ -46,6 +53,7 @@ class Site(enum.Enum):
     PARALLEL = "parallel"
     OUTPUT = "output"
     INPUT = "input"
+    CALL = "call"
 
 
 @runtime_checkable
@@ -65,6 +73,19 @@ class AddsInto(Protocol):
 
     def add_into(self, x: Tensor, out: Tensor) -> Tensor:
         """``out + delta``, computed into ``out`` (returned)."""
+        ...
+
+
+@runtime_checkable
+class WrapsCall(Protocol):
+    """CALL adapters: rewrite the base module's call and then its output."""
+
+    def before(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The (args, kwargs) the base module runs with."""
+        ...
+
+    def after(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        """The output the caller sees (``args`` / ``kwargs`` are the rewritten ones)."""
         ...
 
 

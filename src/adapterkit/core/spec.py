@@ -58,6 +58,12 @@ class AdapterSpec:
     def check_target(self, base: nn.Module, path: str) -> None:
         """Raise a one-line error if this spec cannot adapt ``base`` (found at ``path``)."""
 
+    def default_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+        """Where this spec goes when ``attach`` is given no targets: None (the default) means targets are required.
+        Methods that act on the model's call as a whole (prompt / prefix tuning) return the one module whose call
+        they rewrite, found from its interface (e.g. the outermost module taking ``inputs_embeds``), path first."""
+        return None
+
     def for_counting(self) -> AdapterSpec:
         """A spec with the same parameter shapes whose ``build`` leaves the base alone: what a dry run
         (``explain``) builds. The default is the spec itself; a spec whose build edits the base weight (an init

@@ -28,10 +28,22 @@ __all__ = ["adapter_names", "attach", "attach_at", "detach", "hosts", "placement
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,127}")
 
 
-def attach(model: nn.Module, name: str, spec: AdapterSpec, targets: Targets) -> list[str]:
-    """Attach a new adapter ``name`` built from ``spec`` to every module ``targets`` selects; returns paths."""
+def attach(model: nn.Module, name: str, spec: AdapterSpec, targets: Targets | None = None) -> list[str]:
+    """Attach a new adapter ``name`` built from ``spec`` to every module ``targets`` selects; returns paths.
+
+    Without targets the spec places itself (``AdapterSpec.default_targets``: prompt and prefix methods, which act
+    on the model's call as a whole); other specs need targets."""
     _check_new(model, name, spec)
-    return _build(name, spec, select(model, targets))
+    own = spec.default_targets(model)
+    if own is not None and not _none(targets):
+        raise TargetError(f"attach({name!r}): {spec.method} places itself ({own[0][0] or 'the model'}); give no "
+                          "targets")
+    return _build(name, spec, own if own is not None else select(model, targets))
+
+
+def _none(targets: Targets | None) -> bool:
+    """No targets: None or an empty list (what the command line passes for a method that places itself)."""
+    return targets is None or (isinstance(targets, (list, tuple)) and not targets)
 
 
 def attach_at(model: nn.Module, name: str, spec: AdapterSpec, paths: Sequence[str], fresh_init: bool = True,

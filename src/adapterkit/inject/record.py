@@ -93,7 +93,8 @@ def read_record(folder: Path) -> dict[str, Any]:
             "an adapter name (letters, digits, '_' or '-', not starting with a digit)")
     _check_spec(file, record["spec"])
     targets = record["targets"]
-    _expect(file, "targets", targets, _str_list(targets) and len(targets) > 0, "a non-empty list of module paths")
+    _expect(file, "targets", targets, _str_list(targets, root=True) and len(targets) > 0,
+            "a non-empty list of module paths")
     _expect(file, "targets", targets, len(set(targets)) == len(targets), "a list without repeats")
     record.setdefault("modules", [])  # records without extra modules may omit the key
     _expect(file, "modules", record["modules"], _str_list(record["modules"]), "a list of module paths")
@@ -146,8 +147,9 @@ def _expect(file: Path, key: str, value: Any, ok: bool, wanted: str) -> None:
         raise StateError(f"{file}: {key} must be {wanted}, got {_json_type(value)} {shown}")
 
 
-def _str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) and item for item in value)
+def _str_list(value: Any, root: bool = False) -> bool:
+    """A list of module paths; ``root``: "" (the model itself, where prompt / prefix methods sit) is one too."""
+    return isinstance(value, list) and all(isinstance(item, str) and (item or root) for item in value)
 
 
 def _plain_name(name: str) -> bool:

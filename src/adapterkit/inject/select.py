@@ -50,7 +50,7 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def select(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
+def select(model: nn.Module, targets: Targets | None) -> list[tuple[str, nn.Module]]:
     """Modules matching ``targets``, in model order; a one-line error with near names if none match."""
     if targets is None or (isinstance(targets, Sequence) and not isinstance(targets, str) and not targets):
         raise TargetError("no targets given: name module suffixes, 're:<regex>', a module type or a predicate")
@@ -183,7 +183,8 @@ def explain(model: nn.Module, targets: Targets | None = None, spec: AdapterSpec 
     ``trainable params: X || all params: Y || trainable%: Z`` line."""
     if targets is None and spec is None:
         return summarize(model)
-    chosen = select(model, targets)  # type: ignore[arg-type]  # None: select's one-line error
+    own = spec.default_targets(model) if spec is not None and not targets else None
+    chosen = own if own is not None else select(model, targets)  # None: select's one-line error
     counts = [0] * len(chosen)
     if spec is not None:
         for path, module in chosen:

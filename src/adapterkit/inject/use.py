@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from adapterkit.core.blocks import Block, Select
-from adapterkit.core.context import BlockPlan, Routing, SelectPlan, Setup, scoped
+from adapterkit.core.context import BlockPlan, Routing, SelectPlan, Setup, TaskIds, scoped
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.core.host import Host
 from adapterkit.core.interpret import check_combiners
+from adapterkit.core.protocol import Site
 from adapterkit.core.tree import hosts, names_in, placements
 from adapterkit.inject.engine import adapter_names, set_active
 
@@ -35,7 +37,8 @@ def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] 
     ``use(model, "a", "b")`` runs those adapters whatever is active outside. ``use(model, Select(["a", None]))``
     runs one adapter per example (None: the base model), all rows in one batch; its segment table is built
     here, once. ``use(model, Stack("lang", Fuse("a", "b", name="fusion")), task_ids=...)`` runs a composition
-    block; ``task_ids`` (one per example) feed task routing, and ``token_mask`` (the attention mask, batch x
+    block; ``task_ids`` (one per example) feed task routing (and, with adapter names, adapters that read each row's
+    task, ``core.host.task_ids_for``), and ``token_mask`` (the attention mask, batch x
     tokens) keeps padding out of what routers average over (MoLE's load-balancing loss). The ``with`` yields a
     ``Routing`` record: the weights learned blocks used and their auxiliary losses (``routing.aux_loss()``).
 
@@ -52,6 +55,7 @@ def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] 
             if name is not None and name not in attached:
                 placements(model, name, held)  # raises the usual "no adapter named ..." error
         _refuse_merged(held, (), type(block).__name__)
+        _refuse_calls(held, set(needed) - {None}, type(block).__name__)
         if isinstance(block, Select):
             with scoped(_hosts_only(held), Setup(select=SelectPlan(block.names))):
                 yield routing
@@ -76,16 +80,27 @@ def use(model: nn.Module, *setup: str | Select | Block, task_ids: Sequence[int] 
         _, _, host = placements(model, item, held)[0]
         if host.adapter(item).spec.role:
             raise AdapterKitError(f"use: {item!r} is a combiner; run it through its block")
-    if task_ids is not None or token_mask is not None:
-        raise AdapterKitError("use: task_ids= and token_mask= only apply to a composition block")
+    if token_mask is not None:
+        raise AdapterKitError("use: token_mask= feeds routers, which only apply to a composition block")
     names: tuple[str, ...] = tuple(setup)  # type: ignore[arg-type]
     _refuse_merged(held, names, "use")
-    with scoped(_hosts_only(held), Setup(names=names)):
+    row_ids = None if task_ids is None else TaskIds(torch.as_tensor(task_ids, dtype=torch.long).reshape(-1))
+    with scoped(_hosts_only(held), Setup(names=names, task_ids=row_ids)):
         yield routing
 
 
 def _hosts_only(held: list[tuple[str, nn.Module, Host]]) -> list[Host]:
     return [host for _, _, host in held]
+
+
+def _refuse_calls(held: list[tuple[str, nn.Module, Host]], names: set[Any], what: str) -> None:
+    """Adapters that rewrite the whole call (prompt / prefix methods) cannot run per example or inside a block."""
+    for _, _, host in held:
+        for name in names & set(host.names()):
+            if host.adapter(name).site is Site.CALL:
+                raise AdapterKitError(f"{what}: adapter {name!r} ({host.adapter(name).spec.method}) rewrites the "
+                                      "model's call (its inputs or cache), so it cannot run per example or inside a "
+                                      f"block; run it alone with ak.use(model, {name!r})")
 
 
 def _refuse_merged(held: list[tuple[str, nn.Module, Host]], allowed: tuple[str, ...], what: str) -> None:
