@@ -1,0 +1,154 @@
+"""Prefix tuning (Li & Liang 2021, https://arxiv.org/abs/2101.00190): n learned keys and values in front of every
+attention layer's own.
+
+    attention_l(x) = softmax(q [P^K_l ; K_l]^T / sqrt(d_h)) [P^V_l ; V_l]      P^K_l, P^V_l: (heads_kv, n, d_h)
+
+    P = E                                   (plain: E of shape (n, L * 2 * heads_kv * d_h) is trained)
+    P = W_2 tanh(W_1 E + b_1) + b_2          (projection="mlp": E (n, heads_kv * d_h), hidden ``hidden`` wide;
+                                            the paper's reparametrisation for stabler training)
+
+The prefix reaches every layer through the model's KV-cache interface: on the first call of a sequence the model
+gets a cache that already holds P (one entry per layer), and a 2-D attention mask with n more ones; positions
+then start at n, as they would after n cached tokens. No attention code is touched, so any Hugging Face model
+that takes ``past_key_values`` works (the prefix sits on the outermost module that does: the model itself for a
+causal LM, the encoder model inside a BERT classifier). Sizes come from the config (layers, key/value heads for
+grouped-query attention, head size). Same E (and MLP) give peft's ``prefix_tuning`` outputs, and ``generate`` with
+its cache equals running the full sequence without one (tests/methods/test_prompts.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adapterkit.core.errors import AdapterKitError, TargetError
+from adapterkit.core.precision import master_dtype
+from adapterkit.core.protocol import Site
+from adapterkit.core.registry import register
+from adapterkit.core.spec import AdapterSpec, require
+from adapterkit.methods.virtual_tokens import (
+    cached_length,
+    call_kwargs,
+    check_room,
+    config_of,
+    first_of,
+    outermost,
+    rows_and_length,
+    widen_mask,
+)
+
+PROJECTIONS = ("none", "mlp")
+
+
+def kv_sizes(model: nn.Module, method: str) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) from the model's config."""
+    config = config_of(model, method)
+    layers = first_of(config, "num_hidden_layers", "n_layer", "num_layers")
+    heads = first_of(config, "num_attention_heads", "n_head", "num_heads")
+    hidden = first_of(config, "hidden_size", "n_embd", "d_model")
+    if not all(isinstance(v, int) for v in (layers, heads, hidden)):
+        raise TargetError(f"{method}: the config of {type(model).__name__} does not give the layers, heads and "
+                          "hidden size")
+    kv_heads = first_of(config, "num_key_value_heads") or heads
+    head_dim = first_of(config, "head_dim") or hidden // heads
+    return int(layers), int(kv_heads), int(head_dim)
+
+
+@register("prefix_tuning")
+@dataclass(frozen=True)
+class PrefixTuning(AdapterSpec):
+    """n learned key/value prefixes per layer (``ak.attach(model, "p", ak.PrefixTuning(n_tokens=20))``, no targets)."""
+
+    n_tokens: int = 20  # n, the virtual tokens
+    projection: str = "none"  # "none" (train the prefix itself) or "mlp" (the paper's reparametrisation)
+    hidden: int | None = None  # the MLP's hidden size (default: the key/value width, as peft)
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.n_tokens, int) and self.n_tokens > 0,
+                f"prefix_tuning: n_tokens must be a positive integer, got {self.n_tokens!r}")
+        require(self.projection in PROJECTIONS,
+                f"prefix_tuning: projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        require(self.hidden is None or self.hidden > 0, f"prefix_tuning: hidden must be > 0, got {self.hidden}")
+
+    @property
+    def starts_as_identity(self) -> bool:
+        """Extra keys take attention weight from the first step."""
+        return False
+
+    def default_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return outermost(model, "past_key_values", self.method)
+
+    def check_target(self, base: nn.Module, path: str) -> None:
+        kv_sizes(base, self.method)
+        check_room(config_of(base, self.method), self.n_tokens, 1, 0, self.method)
+
+    def build(self, base: nn.Module) -> nn.Module:
+        return PrefixAdapter(self, base)
+
+
+class PrefixAdapter(nn.Module):
+    """Holds E (and the MLP) and hands the model a cache that starts with the prefix."""
+
+    site = Site.CALL
+
+    def __init__(self, spec: PrefixTuning, base: nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layers, self.kv_heads, self.head_dim = kv_sizes(base, spec.method)
+        like = next(base.parameters())
+        dtype, width = master_dtype(like), self.kv_heads * self.head_dim
+        out = self.layers * 2 * width
+        self.embedding = nn.Parameter(torch.randn(spec.n_tokens, out if spec.projection == "none" else width,
+                                                  dtype=dtype, device=like.device))
+        self.mlp: nn.Module | None = None
+        if spec.projection == "mlp":
+            hidden = spec.hidden or width
+            self.mlp = nn.Sequential(nn.Linear(width, hidden, dtype=dtype, device=like.device), nn.Tanh(),
+                                     nn.Linear(hidden, out, dtype=dtype, device=like.device))
+
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        raise TypeError("prefix_tuning rewrites the model's call; it has no per-layer forward")
+
+    def prefix(self, rows: int, like: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per layer: keys and values, each (B, heads_kv, n, d_h)."""
+        flat = self.embedding if self.mlp is None else self.mlp(self.embedding)  # (n, L * 2 * heads_kv * d_h)
+        n = self.spec.n_tokens
+        kv = flat.to(like.dtype).view(n, self.layers * 2, self.kv_heads, self.head_dim)
+        kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, rows, -1, -1, -1)  # (2L, B, heads_kv, n, d_h)
+        return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(self.layers)]
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        n, method = self.spec.n_tokens, self.spec.method
+        kw = call_kwargs(module, args, kwargs)
+        rows, length = rows_and_length(kw, method)
+        cache = kw.get("past_key_values")
+        cached = cached_length(cache)
+        check_room(config_of(module, method), n, length, max(cached - n, 0), method)
+        widen_mask(kw, n, method)
+        for key in ("position_ids", "cache_position"):  # the cache holds n entries before the first real token
+            if isinstance(kw.get(key), Tensor):
+                kw[key] = kw[key] + n
+        if cached == 0:
+            like = kw["inputs_embeds"] if kw.get("inputs_embeds") is not None else self.embedding
+            kw["past_key_values"] = self._filled(cache, self.prefix(rows, like))
+        return (), kw
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return output
+
+    def _filled(self, cache: Any, prefix: list[tuple[Tensor, Tensor]]) -> Any:
+        """``cache`` (an empty Cache, or None: a new DynamicCache) holding the prefix of every layer."""
+        from transformers.cache_utils import Cache, DynamicCache
+
+        if cache is None:
+            cache = DynamicCache()
+        elif not isinstance(cache, Cache):
+            raise AdapterKitError(f"prefix_tuning: past_key_values must be a transformers Cache, got "
+                                  f"{type(cache).__name__}")
+        positions = torch.arange(self.spec.n_tokens, device=prefix[0][0].device)
+        for layer, (keys, values) in enumerate(prefix):
+            cache.update(keys, values, layer, {"cache_position": positions})
+        return cache

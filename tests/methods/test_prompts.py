@@ -1,0 +1,193 @@
+"""Prompt tuning, P-tuning and prefix tuning: peft's outputs and losses for the same weights, generation with a KV
+cache equal to running the whole sequence without one, and the one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
+
+import adapterkit as ak
+from adapterkit.core.errors import AdapterKitError, SpecError, TargetError
+from adapterkit.inject.engine import placements
+from tests.conftest import make_tiny, tokens
+
+N = 4
+
+
+def _adapter(model, name: str = "p"):
+    return placements(model, name)[0][2].adapter(name)
+
+
+def _mask(ids: torch.Tensor, pad: int) -> torch.Tensor:
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0  # left padding on the first row
+    return mask
+
+
+def _peft(kind: str, config_cls, **fields):
+    task = TaskType.SEQ_CLS if kind == "bert" else TaskType.CAUSAL_LM
+    return get_peft_model(make_tiny(kind), config_cls(task_type=task, num_virtual_tokens=N, **fields))
+
+
+def _copy_prompt(ours, theirs) -> None:
+    with torch.no_grad():
+        theirs.embedding.weight.copy_(ours.prompt.weight)
+
+
+def _copy_encoder(ours, theirs) -> None:
+    """Our PromptEncoder's tensors into peft's (same layout: embedding, lstm_head, mlp_head)."""
+    with torch.no_grad():
+        theirs.embedding.weight.copy_(ours.prompt.embedding.weight)
+        if ours.prompt.lstm is not None:
+            theirs.lstm_head.load_state_dict(ours.prompt.lstm.state_dict())
+        theirs.mlp_head.load_state_dict(ours.prompt.head.state_dict())
+
+
+def _copy_prefix(ours, theirs) -> None:
+    with torch.no_grad():
+        theirs.embedding.weight.copy_(ours.embedding)
+        if ours.mlp is not None:
+            theirs.transform.load_state_dict(ours.mlp.state_dict())
+
+
+CASES = [
+    ("prompt", ak.methods.PromptTuning(n_tokens=N, init="random"), PromptTuningConfig, {}, _copy_prompt),
+    ("ptuning-mlp", ak.methods.PTuning(n_tokens=N, hidden=16), PromptEncoderConfig,
+     {"encoder_hidden_size": 16, "encoder_reparameterization_type": "MLP"}, _copy_encoder),
+    ("ptuning-lstm", ak.methods.PTuning(n_tokens=N, encoder="lstm", hidden=8), PromptEncoderConfig,
+     {"encoder_hidden_size": 8, "encoder_reparameterization_type": "LSTM", "encoder_dropout": 0.0}, _copy_encoder),
+    ("prefix", ak.methods.PrefixTuning(n_tokens=N), PrefixTuningConfig, {}, _copy_prefix),
+    ("prefix-mlp", ak.methods.PrefixTuning(n_tokens=N, projection="mlp", hidden=12), PrefixTuningConfig,
+     {"prefix_projection": True, "encoder_hidden_size": 12}, _copy_prefix),
+]
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("case,spec,config_cls,fields,copy", CASES, ids=[c[0] for c in CASES])
+def test_outputs_and_loss_equal_peft(kind, case, spec, config_cls, fields, copy) -> None:
+    ours = make_tiny(kind)
+    ak.attach(ours, "p", spec)
+    theirs = _peft(kind, config_cls, **fields)
+    copy(_adapter(ours), theirs.prompt_encoder["default"])
+    ids = tokens()
+    mask = _mask(ids, 0 if kind == "bert" else 2)
+    labels = torch.tensor([0, 2]) if kind == "bert" else ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=mask, labels=labels)
+        want = theirs(input_ids=ids, attention_mask=mask, labels=labels)
+    expected = want.logits if kind == "bert" or case.startswith("prefix") else want.logits[:, N:]
+    assert got.logits.shape == expected.shape  # prompt methods: the virtual positions are removed for the caller
+    torch.testing.assert_close(got.logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=0)
+
+
+def test_gradients_reach_only_the_prompt_and_equal_peft() -> None:
+    ours = make_tiny("llama")
+    ak.attach(ours, "p", ak.methods.PrefixTuning(n_tokens=N, projection="mlp", hidden=12))
+    ak.train_only(ours, "p")
+    theirs = _peft("llama", PrefixTuningConfig, prefix_projection=True, encoder_hidden_size=12)
+    _copy_prefix(_adapter(ours), theirs.prompt_encoder["default"])
+    ids = tokens()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    theirs(input_ids=ids, labels=ids).loss.backward()
+    mine = _adapter(ours)
+    torch.testing.assert_close(mine.embedding.grad, theirs.prompt_encoder["default"].embedding.weight.grad,
+                               atol=1e-6, rtol=0)
+    assert all(p.grad is None for n, p in ours.named_parameters() if "adapterkit" not in n)
+
+
+def _greedy_without_cache(model, ids, mask, steps: int, positions: bool = False) -> torch.Tensor:
+    """Greedy decoding that runs the whole sequence every step (no KV cache)."""
+    seq, msk = ids, mask
+    for _ in range(steps):
+        pos = (msk.long().cumsum(-1) - 1).masked_fill(msk == 0, 1) if positions else None
+        step = model(input_ids=seq, attention_mask=msk, position_ids=pos, use_cache=False).logits[:, -1]
+        nxt = step.argmax(-1, keepdim=True)
+        seq, msk = torch.cat([seq, nxt], 1), torch.cat([msk, torch.ones_like(nxt)], 1)
+    return seq
+
+
+GENERATE = [ak.methods.PromptTuning(n_tokens=3, init="random"), ak.methods.PTuning(n_tokens=3, encoder="lstm"),
+            ak.methods.PrefixTuning(n_tokens=3), ak.methods.PrefixTuning(n_tokens=3, projection="mlp")]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("pad", [0, 2])
+@pytest.mark.parametrize("spec", GENERATE, ids=lambda s: f"{s.method}-{getattr(s, 'projection', '')}")
+def test_generate_with_cache_equals_the_full_sequence(kind, pad, spec) -> None:
+    model = make_tiny(kind)
+    ak.attach(model, "p", spec)
+    model.generation_config.eos_token_id = None  # decode all steps: the reference does not stop at an end token
+    ids = tokens(length=5)
+    mask = _mask(ids, pad)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                pad_token_id=0)
+        # generate numbers a GPT-2's left-padded rows from the mask; the prefix's keys carry no position, so the
+        # reference must number them the same way (prompt methods let the model number the n + T positions)
+        positions = spec.method == "prefix_tuning" and kind == "gpt2"
+        full = _greedy_without_cache(model, ids, mask, 6, positions)
+    assert torch.equal(cached, full)
+
+
+def test_the_prompt_goes_in_once_per_sequence() -> None:
+    """A manual decode loop over the returned cache gives the same logits as the whole sequence at once."""
+    model = make_tiny("llama")
+    ak.attach(model, "p", ak.methods.PromptTuning(n_tokens=N, init="random"))
+    ids = tokens(length=6)
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits
+        first = model(input_ids=ids[:, :4], use_cache=True)
+        rest = model(input_ids=ids[:, 4:], past_key_values=first.past_key_values,
+                     attention_mask=torch.ones(2, 6, dtype=torch.long)).logits
+    torch.testing.assert_close(torch.cat([first.logits, rest], 1), whole, atol=1e-5, rtol=0)
+
+
+def test_save_load_and_detach() -> None:
+    model = make_tiny("llama")
+    ids = tokens()
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    ak.attach(model, "p", ak.methods.PTuning(n_tokens=N))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base)
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        ak.save(model, folder, "p")
+        other = make_tiny("llama")
+        ak.load(other, folder)
+        with torch.no_grad():
+            assert torch.equal(other(input_ids=ids).logits, adapted)
+    ak.detach(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base)
+
+
+def test_bad_input_gets_one_line() -> None:
+    model = make_tiny("llama")  # 64 positions
+    with pytest.raises(AdapterKitError, match="64 virtual tokens.*exceed the model's context of 64"):
+        ak.attach(model, "p", ak.methods.PrefixTuning(n_tokens=64))
+    ak.attach(model, "p", ak.methods.PrefixTuning(n_tokens=60))
+    with pytest.raises(AdapterKitError, match=r"60 virtual tokens \+ 8 tokens exceed the model's context of 64"):
+        model(input_ids=tokens())
+    with pytest.raises(AdapterKitError, match="cannot run per example or inside a block"):
+        with ak.use(model, ak.Select(["p", None])):
+            pass
+    with pytest.raises(TargetError, match="places itself"):
+        ak.attach(model, "q", ak.methods.PromptTuning(n_tokens=2), targets=["q_proj"])
+    with pytest.raises(SpecError, match="n_tokens must be a positive integer"):
+        ak.methods.PromptTuning(n_tokens=0)
+    with pytest.raises(SpecError, match="init='text' needs init_ids"):
+        ak.methods.PromptTuning(init="text")
+    with pytest.raises(TargetError, match=r"init_ids must lie in \[0, 100\)"):
+        ak.attach(make_tiny("gpt2"), "p", ak.methods.PromptTuning(n_tokens=2, init="text", init_ids=(100,)))
+    with pytest.raises(TargetError, match="no module of this Linear takes 'inputs_embeds'"):
+        ak.attach(torch.nn.Linear(2, 2), "p", ak.methods.PromptTuning())
