@@ -144,14 +144,39 @@ class BlockPlan:
         return flat
 
 
+class TaskIds:
+    """Per-row task ids given to ``use(model, "a", ..., task_ids=...)`` for plain adapters that read each row's task
+    (a block's ids live in its ``BlockPlan``); per-device copies are cached, so each layer only reads them."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def for_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Task id per row of ``x`` (beams repeat their example's id)."""
+        return per_row(self.ids, self._on, x, "use(...) got {given} task ids but the batch has {rows} rows")
+
+
 @dataclass(frozen=True)
 class Setup:
     """What one ``use`` block runs on its model's hosts: exactly ``names`` (plain adapters, in order), one adapter
-    per example (``select``), or a composition block (``block``); exactly one of the three is set."""
+    per example (``select``), or a composition block (``block``); exactly one of the three is set. ``task_ids``
+    (with ``names``) are the per-row task ids plain adapters may read (``task_ids_in``)."""
 
     names: tuple[str, ...] | None = None
     select: SelectPlan | None = None
     block: BlockPlan | None = None
+    task_ids: TaskIds | None = None
+
+
+def task_ids_in(setup: Setup | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Task id per row of ``x`` under ``setup``: a block's (``use(model, block, task_ids=)``) or the plain adapters'
+    (``use(model, "a", task_ids=)``); None when the call gave none (the reader decides whether that is an error)."""
+    if setup is None:
+        return None
+    if setup.block is not None:
+        return None if setup.block.task_ids is None else setup.block.task_ids_for(x)
+    return None if setup.task_ids is None else setup.task_ids.for_rows(x)
 
 
 _SETUPS: ContextVar[Mapping[Any, Setup]] = ContextVar("adapterkit_setups", default=MappingProxyType({}))
