@@ -12,7 +12,6 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from adapterkit.core.errors import AdapterKitError
+from adapterkit.core.tree import hosts
 from adapterkit.inject.use import use
 from adapterkit.train.data import TextTable
 from adapterkit.train.loop import Encoded, TrainConfig, adamw_with_warmup, encode
@@ -43,7 +43,8 @@ class MultiTaskClassifier(nn.Module):
     Args:
         encoder: the (adapted) encoder; its adapters and the block's combiners are what train, with the heads.
         num_labels: task name -> number of classes, in task-id order.
-        block: the composition block to run the encoder with (None: the encoder's active adapters).
+        block: the composition block to run the encoder with (None: the encoder's active adapters); either way each
+            row's task id reaches ``use(..., task_ids=)``, for task routing and task-conditioned adapters.
         aux_weight: weight of the block's auxiliary losses (e.g. load balancing) in the training loss.
     """
 
@@ -78,8 +79,10 @@ class MultiTaskClassifier(nn.Module):
         task_ids = torch.as_tensor(task_ids, device=input_ids.device)
         if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= len(self.tasks)):
             raise AdapterKitError(f"task ids must lie in 0..{len(self.tasks) - 1} ({', '.join(self.tasks)})")
-        context = (use(self.encoder, self.block, task_ids=task_ids, token_mask=attention_mask)
-                   if self.block is not None else nullcontext())
+        if self.block is not None:
+            context = use(self.encoder, self.block, task_ids=task_ids, token_mask=attention_mask)
+        else:  # the active adapters, told each row's task (read by adapters such as Hyperformer's hypernetwork)
+            context = use(self.encoder, *active_adapters(self.encoder), task_ids=task_ids)
         with context as routing:
             pooled = self.dropout(self.pooled(input_ids, attention_mask))
         width = max(int(n) for n in self.num_labels.values())
@@ -98,6 +101,11 @@ class MultiTaskClassifier(nn.Module):
             if routing is not None and self.aux_weight:
                 loss = loss + self.aux_weight * routing.aux_loss().to(loss.device)
         return MultiTaskOutput(loss, logits, routing)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters that run on ``model`` outside any ``use`` block, in order."""
+    return list(dict.fromkeys(name for _, _, host in hosts(model) for name in host.active))
 
 
 def _union(encoded: list[Encoded]) -> list[tuple[int, int]]:
