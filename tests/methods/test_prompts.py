@@ -191,3 +191,41 @@ def test_bad_input_gets_one_line() -> None:
         ak.attach(make_tiny("gpt2"), "p", ak.methods.PromptTuning(n_tokens=2, init="text", init_ids=(100,)))
     with pytest.raises(TargetError, match="no module of this Linear takes 'inputs_embeds'"):
         ak.attach(torch.nn.Linear(2, 2), "p", ak.methods.PromptTuning())
+
+
+class _LMRows(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.ids = torch.randint(5, 40, (n, 8), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.ids[i]}
+
+
+@pytest.mark.parametrize("spec", [ak.methods.PromptTuning(n_tokens=3), ak.methods.PrefixTuning(n_tokens=3)],
+                         ids=lambda s: s.method)
+def test_hf_trainer_trains_it_and_compute_metrics_sees_aligned_logits(tmp_path, spec) -> None:
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    model = make_tiny("gpt2")
+    ak.attach(model, "p", spec)
+    ak.train_only(model, "p")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    shapes = []
+
+    def metrics(pred) -> dict[str, float]:
+        shapes.append((pred.predictions.shape, pred.label_ids.shape))
+        return {"n": 0.0}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+                             save_strategy="no", logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=_LMRows(12), eval_dataset=_LMRows(4),
+                      compute_metrics=metrics)
+    trainer.train()
+    trainer.evaluate()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    assert shapes == [((4, 8, 100), (4, 8))]  # per input token, as the labels: no virtual positions
