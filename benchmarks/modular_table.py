@@ -91,7 +91,22 @@ def _append(record: dict[str, Any]) -> None:
         out.write(json.dumps(record) + "\n")
 
 
-def run_minilm(part: str, worker: int, workers: int, only: list[str] | None, tasks: tuple[str, ...]) -> None:
+class Budget:
+    """How many runs this process may still do (``--limit``: one run a process lets other work share the CPU)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = limit
+        self.ran = 0
+
+    def take(self) -> bool:
+        if self.left is not None and self.ran >= self.left:
+            return False
+        self.ran += 1
+        return True
+
+
+def run_minilm(part: str, worker: int, workers: int, only: list[str] | None, tasks: tuple[str, ...],
+               budget: Budget) -> None:
     from tasks import Protocol, load_task, train_once
 
     methods = minilm_methods() if part == "minilm" else placement_methods()
@@ -102,6 +117,8 @@ def run_minilm(part: str, worker: int, workers: int, only: list[str] | None, tas
         key = f"{part}/{task_name}/{name}/{seed}"
         if index % workers != worker or key in done:
             continue
+        if not budget.take():
+            return
         spec, targets, lr = methods[name]
         result = train_once(load_task(task_name), "m", spec, targets, seed, protocol, lr=lr)
         result.pop("model")
@@ -129,7 +146,7 @@ def smollm2_methods() -> dict[str, tuple[Any, Any, float]]:
             "inner layers x2": (landed("inner_layers"), [r"re:model\.layers\.(14|29)"], 1e-4)}
 
 
-def run_smollm2(only: list[str] | None, rows: int, dev_rows: int) -> None:
+def run_smollm2(only: list[str] | None, rows: int, dev_rows: int, seeds: tuple[int, ...], budget: Budget) -> None:
     import adapterkit as ak
     from adapterkit.models import load_pretrained
     from adapterkit.train import gen_classify
@@ -140,10 +157,12 @@ def run_smollm2(only: list[str] | None, rows: int, dev_rows: int) -> None:
 
     done = _done()
     for name, (factory, targets, lr) in smollm2_methods().items():
-        for seed in SEEDS:
+        for seed in seeds:
             key = f"smollm2/sst2/{name}/{seed}"
             if (only and name not in only) or key in done:
                 continue
+            if not budget.take():
+                return
             try:
                 spec = factory()
             except Exception as exc:  # noqa: BLE001  (a method not landed yet: say so, go on)
@@ -232,19 +251,25 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", help="tasks (default: the part's)")
     parser.add_argument("--rows", type=int, default=600, help="smollm2: training rows")
     parser.add_argument("--dev-rows", type=int, default=256, help="smollm2: dev rows")
+    parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS), help="seeds (default 0 1)")
+    parser.add_argument("--limit", type=int, help="stop after this many runs; exit code 3 when none was left")
     args = parser.parse_args()
+    budget = Budget(args.limit)
     worker, workers = (int(v) for v in args.worker.split("/"))
     if args.part in ("minilm", "placement"):
         default = ("sst2", "subj", "trec") if args.part == "minilm" else ("sst2", "trec")
-        run_minilm(args.part, worker, workers, args.only, tuple(args.tasks or default))
+        run_minilm(args.part, worker, workers, args.only, tuple(args.tasks or default), budget)
     elif args.part == "smollm2":
-        run_smollm2(args.only, args.rows, args.dev_rows)
+        run_smollm2(args.only, args.rows, args.dev_rows, tuple(args.seeds), budget)
     elif args.part == "multitask":
         from modular_multitask import run_multitask
 
-        run_multitask(_done(), _append, SEEDS)
+        run_multitask(_done(), _append, tuple(args.seeds), budget.take)
     else:
         table()
+        return
+    if budget.ran == 0:
+        raise SystemExit(3)  # nothing (more) to run in this part
 
 
 if __name__ == "__main__":

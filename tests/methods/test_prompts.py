@@ -115,12 +115,13 @@ def _greedy_without_cache(model, ids, mask, steps: int, positions: bool = False)
 
 
 GENERATE = [ak.methods.PromptTuning(n_tokens=3, init="random"), ak.methods.PTuning(n_tokens=3, encoder="lstm"),
-            ak.methods.PrefixTuning(n_tokens=3), ak.methods.PrefixTuning(n_tokens=3, projection="mlp")]
+            ak.methods.PrefixTuning(n_tokens=3), ak.methods.PrefixTuning(n_tokens=3, projection="mlp"),
+            ak.methods.PrefixTuning(n_tokens=3, positions="kept")]
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("pad", [0, 2])
-@pytest.mark.parametrize("spec", GENERATE, ids=lambda s: f"{s.method}-{getattr(s, 'projection', '')}")
+@pytest.mark.parametrize("spec", GENERATE, ids=lambda s: "-".join(str(v) for v in s.to_dict().values()))
 def test_generate_with_cache_equals_the_full_sequence(kind, pad, spec) -> None:
     model = make_tiny(kind)
     ak.attach(model, "p", spec)
@@ -229,3 +230,33 @@ def test_hf_trainer_trains_it_and_compute_metrics_sees_aligned_logits(tmp_path, 
     trainer.evaluate()
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     assert shapes == [((4, 8, 100), (4, 8))]  # per input token, as the labels: no virtual positions
+
+
+def test_prefix_with_kept_positions_equals_adapterhub_prefix_tuning() -> None:
+    """AdapterHub's prefix sits inside BERT's attention, so its real tokens keep positions 0..T-1."""
+    adapters = pytest.importorskip("adapters")
+    ours = make_tiny("bert")
+    ak.attach(ours, "p", ak.methods.PrefixTuning(n_tokens=N, projection="mlp", hidden=12, positions="kept"))
+    shifted = make_tiny("bert")
+    ak.attach(shifted, "p", ak.methods.PrefixTuning(n_tokens=N, projection="mlp", hidden=12))
+    mine = _adapter(ours)
+    _adapter(shifted).load_state_dict(mine.state_dict())
+    theirs = make_tiny("bert")
+    adapters.init(theirs)
+    theirs.add_adapter("p", config=adapters.PrefixTuningConfig(prefix_length=N, bottleneck_size=12))
+    theirs.set_active_adapters("p")
+    theirs.eval()
+    prefix = dict(theirs.named_modules())["bert.encoder.layer.0.attention.self.prefix_tuning.pool.prefix_tunings.p"
+                                          ".self_prefix"]
+    with torch.no_grad():
+        prefix.wte.weight.copy_(mine.embedding)
+        prefix.control_trans.load_state_dict(mine.mlp.state_dict())
+    ids = tokens()
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0  # right padding, BERT's
+    with torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=mask).logits
+        want = theirs(input_ids=ids, attention_mask=mask).logits
+        other = shifted(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert (other - want).abs().max() > 1e-4  # peft's shifted positions are another function

@@ -30,6 +30,13 @@ CANDIDATES: dict[str, list[list[str]]] = {
     # Hydra and SNNK: the papers' placement, on each attention output and FFN output projection
     "hydra": [["output.dense"], ["o_proj", "down_proj"], ["c_proj"]],
     "snnk": [["output.dense"], ["o_proj", "down_proj"], ["c_proj"]],
+    # Compacter: Houlsby's two places (use --targets 're:.*layer\.\d+\.output\.LayerNorm' for Compacter++);
+    # conformer adapters: PETL-AST's best, beside / after the FFN; Hyperformer and shared adapters: Pfeiffer's
+    "compacter": [["output.dense"], ["mlp"]],
+    "seq_conformer": [[r"re:.*layer\.\d+\.output\.dense"], ["mlp"]],
+    "par_conformer": [["intermediate"], ["mlp"]],
+    "hyperformer": [[r"re:.*layer\.\d+\.output\.LayerNorm"], ["mlp"]],
+    "shared": [[r"re:.*layer\.\d+\.output\.LayerNorm"], ["mlp"]],
 }
 
 

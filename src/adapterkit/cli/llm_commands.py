@@ -101,7 +101,8 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
     if calibrated:
         record["calibration"] = calibrated
     plan = ak.explain(model, chosen, spec)
-    print(f"{spec.method} on {len(plan.rows)} modules ({', '.join(chosen) or 'its call'}): {plan.adapter_params:,} adapter "
+    where = ", ".join(chosen) or "its call"
+    print(f"{spec.method} on {len(plan.rows)} modules ({where}): {plan.adapter_params:,} adapter "
           f"parameters; {len(train)} train / {len(dev)} dev examples{_cuts(train, dev, config.max_length)}")
     samples = sample_prompts(tokenizer, conversations, config.samples)
     metrics = fit_sft(model, tokenizer, spec, chosen, train, dev, config, out, record, samples=samples,

@@ -9,11 +9,13 @@ attention layer's own.
 
 The prefix reaches every layer through the model's KV-cache interface: on the first call of a sequence the model
 gets a cache that already holds P (one entry per layer), and a 2-D attention mask with n more ones; positions
-then start at n, as they would after n cached tokens. No attention code is touched, so any Hugging Face model
-that takes ``past_key_values`` works (the prefix sits on the outermost module that does: the model itself for a
-causal LM, the encoder model inside a BERT classifier). Sizes come from the config (layers, key/value heads for
-grouped-query attention, head size). Same E (and MLP) give peft's ``prefix_tuning`` outputs, and ``generate`` with
-its cache equals running the full sequence without one (tests/methods/test_prompts.py).
+then start at n, as they would after n cached tokens (peft's choice; ``positions="kept"`` numbers the real tokens
+0..T-1 as if there were no prefix: AdapterHub's, whose prefix sits inside the attention). No attention code is
+touched, so any Hugging Face model that takes ``past_key_values`` works (the prefix sits on the outermost module
+that does: the model itself for a causal LM, the encoder model inside a BERT classifier). Sizes come from the
+config (layers, key/value heads for grouped-query attention, head size). Same E (and MLP) give peft's
+``prefix_tuning`` outputs (with ``positions="kept"``: AdapterHub's ``PrefixTuningConfig`` outputs on BERT), and
+``generate`` with its cache equals running the full sequence without one (tests/methods/test_prompts.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from adapterkit.core.spec import AdapterSpec, require
 from adapterkit.methods.virtual_tokens import (
     cached_length,
     call_kwargs,
+    call_parameters,
     check_room,
     config_of,
     first_of,
@@ -41,6 +44,7 @@ from adapterkit.methods.virtual_tokens import (
 )
 
 PROJECTIONS = ("none", "mlp")
+POSITIONS = ("shifted", "kept")
 
 
 def kv_sizes(model: nn.Module, method: str) -> tuple[int, int, int]:
@@ -65,6 +69,7 @@ class PrefixTuning(AdapterSpec):
     n_tokens: int = 20  # n, the virtual tokens
     projection: str = "none"  # "none" (train the prefix itself) or "mlp" (the paper's reparametrisation)
     hidden: int | None = None  # the MLP's hidden size (default: the key/value width, as peft)
+    positions: str = "shifted"  # real tokens start at position n (peft) or keep 0..T-1 ("kept", AdapterHub)
 
     def __post_init__(self) -> None:
         require(isinstance(self.n_tokens, int) and self.n_tokens > 0,
@@ -72,6 +77,8 @@ class PrefixTuning(AdapterSpec):
         require(self.projection in PROJECTIONS,
                 f"prefix_tuning: projection must be one of {PROJECTIONS}, got {self.projection!r}")
         require(self.hidden is None or self.hidden > 0, f"prefix_tuning: hidden must be > 0, got {self.hidden}")
+        require(self.positions in POSITIONS,
+                f"prefix_tuning: positions must be one of {POSITIONS}, got {self.positions!r}")
 
     @property
     def starts_as_identity(self) -> bool:
@@ -83,6 +90,9 @@ class PrefixTuning(AdapterSpec):
 
     def check_target(self, base: nn.Module, path: str) -> None:
         kv_sizes(base, self.method)
+        if self.positions == "kept" and "position_ids" not in call_parameters(base):
+            raise TargetError(f"prefix_tuning: positions='kept' needs a model that takes position_ids; "
+                              f"{type(base).__name__} does not")
         check_room(config_of(base, self.method), self.n_tokens, 1, 0, self.method)
 
     def build(self, base: nn.Module) -> nn.Module:
@@ -128,9 +138,13 @@ class PrefixAdapter(nn.Module):
         cached = cached_length(cache)
         check_room(config_of(module, method), n, length, max(cached - n, 0), method)
         widen_mask(kw, n, method)
-        for key in ("position_ids", "cache_position"):  # the cache holds n entries before the first real token
-            if isinstance(kw.get(key), Tensor):
-                kw[key] = kw[key] + n
+        if isinstance(kw.get("cache_position"), Tensor):  # the cache holds n entries before the first real token
+            kw["cache_position"] = kw["cache_position"] + n
+        if self.spec.positions == "shifted" and isinstance(kw.get("position_ids"), Tensor):
+            kw["position_ids"] = kw["position_ids"] + n
+        elif self.spec.positions == "kept" and kw.get("position_ids") is None:  # the model would count the prefix
+            start = max(cached - n, 0)
+            kw["position_ids"] = torch.arange(start, start + length, device=self.embedding.device).expand(rows, -1)
         if cached == 0:
             like = kw["inputs_embeds"] if kw.get("inputs_embeds") is not None else self.embedding
             kw["past_key_values"] = self._filled(cache, self.prefix(rows, like))

@@ -49,6 +49,11 @@ def _parameters(forward: Any) -> tuple[str, ...]:
         return ()
 
 
+def call_parameters(module: nn.Module) -> tuple[str, ...]:
+    """The parameter names of ``module``'s forward."""
+    return _parameters(type(module).forward)
+
+
 def call_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The call as keywords only (``model(ids)`` names ``ids`` after forward's first parameter)."""
     if not args:

@@ -1,0 +1,76 @@
+"""Multi-task part of modular_table.py: SST-2 + SUBJ + TREC on all-MiniLM-L6-v2 with one head per task.
+
+Every variant runs through ``MultiTaskClassifier`` (the same pooled-output heads), 1,000 seeded rows per task,
+2 epochs, batch 16, lr 2e-3, all adapters Pfeiffer-placed (after each layer's FFN, reduction factor 16):
+
+    per-task adapters   one bottleneck per task, each trained on its own task alone (VL-Adapter's "multiple
+                        adapters": with a frozen encoder and per-task heads, training them together is training them
+                        apart)
+    one adapter         one bottleneck set trained on the mixed tasks (VL-Adapter's "single adapter")
+    one adapter, tied   the same, with its weights also tied across the 6 layers (methods/shared.py)
+    Hyperformer         one hypernetwork generating every layer's bottleneck from task and layer embeddings
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+TASKS = ("sst2", "subj", "trec")
+FFN_NORM = r"re:.*\.layer\.\d+\.output\.LayerNorm"
+
+
+def variants() -> dict[str, Callable[[], Any]]:
+    import adapterkit as ak
+
+    return {"one adapter (all tasks)": lambda: ak.SeqBottleneck(reduction_factor=16),
+            "one adapter, tied across layers": lambda: ak.methods.Shared(ak.SeqBottleneck(reduction_factor=16)),
+            "Hyperformer": lambda: ak.methods.Hyperformer(n_tasks=len(TASKS), reduction_factor=16)}
+
+
+def _train(spec: Any, tasks: dict[str, Any], seed: int) -> dict[str, Any]:
+    import adapterkit as ak
+    from adapterkit.cli.commands import load_classifier
+    from adapterkit.train.loop import TrainConfig, seed_everything
+    from adapterkit.train.multitask import MultiTaskClassifier, train_multitask
+    from tasks import Protocol, minilm_dir, subset
+
+    protocol = Protocol(train_rows=1000, epochs=2)
+    seed_everything(seed)
+    classifier, tokenizer = load_classifier(minilm_dir(), 2)
+    encoder = classifier.bert
+    ak.attach(encoder, "a", spec, [FFN_NORM])
+    ak.train_only(encoder, "a")
+    adapter = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    model = MultiTaskClassifier(encoder, {t: tasks[t].num_labels for t in tasks})
+    data = {t: (subset(tasks[t].train, protocol.train_rows, seed), tasks[t].dev) for t in tasks}
+    config = TrainConfig(epochs=protocol.epochs, lr=protocol.lr, batch_size=protocol.batch_size,
+                         max_length=protocol.max_length, seed=seed)
+    run = train_multitask(model, tokenizer, data, config, desc="multi-task")
+    return {"dev_accuracy": {t: round(v[-1], 2) for t, v in run["dev_accuracy"].items()},
+            "adapter_parameters": adapter, "train_seconds": round(run["train_seconds"], 1), "steps": run["steps"]}
+
+
+def run_multitask(done: set[str], append: Callable[[dict[str, Any]], None], seeds: tuple[int, ...],
+                  take: Callable[[], bool]) -> None:
+    import adapterkit as ak
+    from tasks import load_task
+
+    tasks = {t: load_task(t) for t in TASKS}
+    jobs: list[tuple[str, Callable[[], Any], dict[str, Any]]] = [
+        (f"per-task adapter ({t})", lambda: ak.SeqBottleneck(reduction_factor=16), {t: tasks[t]}) for t in TASKS]
+    jobs += [(name, factory, tasks) for name, factory in variants().items()]
+    for seed in seeds:
+        for name, factory, chosen in jobs:
+            key = f"multitask/{name}/{seed}"
+            if key in done:
+                continue
+            if not take():
+                return
+            start = time.perf_counter()
+            result = _train(factory(), chosen, seed)
+            result.update(key=key, part="multitask", method=name, seed=seed,
+                          wall_seconds=round(time.perf_counter() - start, 1))
+            append(result)
+            print(result, flush=True)
