@@ -182,6 +182,12 @@ def test_bad_input_gets_one_line() -> None:
     with pytest.raises(AdapterKitError, match="cannot run per example or inside a block"):
         with ak.use(model, ak.Select(["p", None])):
             pass
+    model.train()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(AdapterKitError, match="gradient checkpointing makes transformers drop the KV cache"):
+        model(input_ids=tokens(length=2))
+    model.gradient_checkpointing_disable()
+    model.eval()
     with pytest.raises(TargetError, match="places itself"):
         ak.attach(model, "q", ak.methods.PromptTuning(n_tokens=2), targets=["q_proj"])
     with pytest.raises(SpecError, match="n_tokens must be a positive integer"):
@@ -260,3 +266,18 @@ def test_prefix_with_kept_positions_equals_adapterhub_prefix_tuning() -> None:
         other = shifted(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert (other - want).abs().max() > 1e-4  # peft's shifted positions are another function
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_prompt_tuning_under_gradient_checkpointing_gives_the_same_gradients(reentrant) -> None:
+    model = make_tiny("llama")
+    ak.attach(model, "p", ak.methods.PromptTuning(n_tokens=3))
+    ak.train_only(model, "p")
+    model.train()
+    ids = tokens()
+    model(input_ids=ids, labels=ids).loss.backward()
+    plain = _adapter(model).prompt.weight.grad.clone()
+    _adapter(model).prompt.weight.grad = None
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(_adapter(model).prompt.weight.grad, plain, atol=1e-6, rtol=0)

@@ -132,6 +132,11 @@ class PrefixAdapter(nn.Module):
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         n, method = self.spec.n_tokens, self.spec.method
+        if module.training and torch.is_grad_enabled() and getattr(module, "is_gradient_checkpointing", False):
+            # transformers' checkpointed layers set past_key_values=None: the prefix would be dropped in silence
+            raise AdapterKitError("prefix_tuning: gradient checkpointing makes transformers drop the KV cache, "
+                                  "which carries the prefix; turn it off (model.gradient_checkpointing_disable()) "
+                                  "or use prompt tuning / LoRA")
         kw = call_kwargs(module, args, kwargs)
         rows, length = rows_and_length(kw, method)
         cache = kw.get("past_key_values")
