@@ -114,21 +114,24 @@ class SeqBottleneck(_BottleneckSpec):
         return SequentialAdapter(self, base)
 
 
-class SequentialAdapter(nn.Module):
-    """y = f(x) + s A(f(x)), or LN(x + s A(LN(x))) on a post-norm target."""
+class OnOutput(nn.Module):
+    """The sequential form every output-rewriting adapter shares: y = f(x) + u(f(x)), or LN(x + u(LN(x))) on a
+    post-norm target (the adapter output re-enters the norm). Subclasses call ``_on(base)`` and give ``change``."""
 
     site = Site.OUTPUT
+    _norm: tuple[nn.Module, ...] | None
 
-    def __init__(self, spec: SeqBottleneck, base: nn.Module) -> None:
-        super().__init__()
-        self.spec = spec
-        self.block = Bottleneck(spec, io_sizes(base)[1], next(base.parameters()))
+    def _on(self, base: nn.Module) -> None:
         self._norm = (base,) if is_norm(base) else None  # tuple: reference the norm without re-registering it
 
+    def change(self, h: Tensor) -> Tensor:
+        """u(h): (..., d) -> (..., d)."""
+        raise NotImplementedError
+
     def parts(self, x: Tensor, base_out: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
-        """(stream, s A(f(x)), finish) with output ``finish(stream + s A(f(x)))``: on a post-norm target the
-        stream is the norm's input (sub-layer output + residual) and finish the norm, else the stream is f(x)."""
-        delta = self.block(base_out) * self.spec.scaling
+        """(stream, u(f(x)), finish) with output ``finish(stream + u(f(x)))``: on a post-norm target the stream is
+        the norm's input (sub-layer output + residual) and finish the norm, else the stream is f(x)."""
+        delta = self.change(base_out)
         if self._norm is not None:
             return x, delta, self._norm[0].forward  # .forward: skip the hooks, which would recurse
         return base_out, delta, unchanged
@@ -137,6 +140,19 @@ class SequentialAdapter(nn.Module):
         assert base_out is not None  # an output-site adapter always gets the base output
         stream, delta, finish = self.parts(x, base_out)
         return finish(stream + delta)
+
+
+class SequentialAdapter(OnOutput):
+    """y = f(x) + s A(f(x)), or LN(x + s A(LN(x))) on a post-norm target."""
+
+    def __init__(self, spec: SeqBottleneck, base: nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        self.block = Bottleneck(spec, io_sizes(base)[1], next(base.parameters()))
+        self._on(base)
+
+    def change(self, h: Tensor) -> Tensor:
+        return self.block(h) * self.spec.scaling
 
 
 @register("par_bn")

@@ -35,7 +35,6 @@ adapter, where AdapterHub's adapter reads the dropped-out projection: the same i
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
-from adapterkit.core.interpret import unchanged
-from adapterkit.core.layers import io_sizes, is_norm
+from adapterkit.core.layers import io_sizes
 from adapterkit.core.precision import master_dtype
-from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
-from adapterkit.methods.bottleneck import ACTIVATIONS
+from adapterkit.methods.bottleneck import ACTIVATIONS, OnOutput
 
 RULES = ("shared", "layer")
 W_INITS = ("glorot-normal", "glorot-uniform", "normal")
@@ -172,10 +169,8 @@ class PHMLinear(nn.Module):
         return F.linear(h, weight.t(), self.bias.to(h.device, h.dtype))  # (..., out) = h H + b
 
 
-class CompacterAdapter(nn.Module):
+class CompacterAdapter(OnOutput):
     """y = f(x) + s PHM_up(act(PHM_down(f(x)))), or LN(x + s A(LN(x))) on a post-norm target."""
-
-    site = Site.OUTPUT
 
     def __init__(self, spec: Compacter, base: nn.Module, owner: CompacterAdapter | None = None) -> None:
         super().__init__()
@@ -187,7 +182,7 @@ class CompacterAdapter(nn.Module):
         self.act = ACTIVATIONS[spec.activation]()
         self.up = PHMLinear(spec, spec.hidden(size), size, like)
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
-        self._norm = (base,) if is_norm(base) else None  # tuple: reference the norm without re-registering it
+        self._on(base)
         # rule="shared": the first placement owns A; the others reference it (a tuple: not registered twice)
         self._owner: tuple[CompacterAdapter, ...] = (owner,) if owner is not None else ()
         self.phm_rule = new_rule(spec, like) if spec.rule == "shared" and owner is None else None
@@ -202,15 +197,5 @@ class CompacterAdapter(nn.Module):
         out = self.up(self.act(self.down(h, rule)), rule) * self.spec.scaling  # (..., hidden) -> (..., d)
         return self.dropout(out) if self.dropout is not None else out
 
-    def parts(self, x: Tensor, base_out: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
-        """(stream, s A(f(x)), finish), as ``SequentialAdapter.parts``: the stream is the norm's input and finish
-        the norm on a post-norm target, else f(x) and nothing."""
-        delta = self.block(base_out)
-        if self._norm is not None:
-            return x, delta, self._norm[0].forward  # .forward: skip the hooks, which would recurse
-        return base_out, delta, unchanged
-
-    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
-        assert base_out is not None  # an output-site adapter always gets the base output
-        stream, delta, finish = self.parts(x, base_out)
-        return finish(stream + delta)
+    def change(self, h: Tensor) -> Tensor:
+        return self.block(h)

@@ -48,7 +48,6 @@ which normalises each token on its own, and sequences padded to one fixed length
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,12 +56,12 @@ from torch import Tensor, nn
 
 from adapterkit.core.errors import AdapterKitError, TargetError
 from adapterkit.core.host import host_of
-from adapterkit.core.interpret import unchanged
 from adapterkit.core.layers import io_sizes, is_norm, tensor
 from adapterkit.core.precision import as_compute, master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
+from adapterkit.methods.bottleneck import OnOutput
 
 NORMS = ("batch", "layer")
 PADDINGS = ("same", "causal")
@@ -171,29 +170,18 @@ class SeqConformer(_ConformerSpec):
         return SequentialConformer(self, base)
 
 
-class SequentialConformer(nn.Module):
+class SequentialConformer(OnOutput):
     """y = f(x) + s C(f(x)), or LN(x + s C(LN(x))) on a post-norm target."""
-
-    site = Site.OUTPUT
 
     def __init__(self, spec: SeqConformer, base: nn.Module) -> None:
         super().__init__()
         self.spec = spec
         size = io_sizes(base)[1]
         self.block = ConvModule(spec, base, size, size)
-        self._norm = (base,) if is_norm(base) else None  # tuple: reference the norm without re-registering it
+        self._on(base)
 
-    def parts(self, x: Tensor, base_out: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
-        """(stream, s C(f(x)), finish): on a post-norm target the stream is the norm's input and finish the norm."""
-        delta = self.block(base_out)
-        if self._norm is not None:
-            return x, delta, self._norm[0].forward  # .forward: skip the hooks, which would recurse
-        return base_out, delta, unchanged
-
-    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
-        assert base_out is not None  # an output-site adapter always gets the base output
-        stream, delta, finish = self.parts(x, base_out)
-        return finish(stream + delta)
+    def change(self, h: Tensor) -> Tensor:
+        return self.block(h)
 
 
 @register("par_conformer")

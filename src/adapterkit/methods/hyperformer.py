@@ -42,11 +42,11 @@ from torch import Tensor, nn
 
 from adapterkit.core.errors import AdapterKitError, TargetError
 from adapterkit.core.host import host_of, task_ids_for
-from adapterkit.core.layers import io_sizes, is_norm
+from adapterkit.core.layers import io_sizes
 from adapterkit.core.precision import master_dtype
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
-from adapterkit.methods.bottleneck import ACTIVATIONS, SequentialAdapter
+from adapterkit.methods.bottleneck import ACTIVATIONS, OnOutput
 from adapterkit.methods.shared import path_of, remember_path, same_output_sizes
 
 INITS = ("zero_up", "normal")
@@ -222,12 +222,15 @@ class HyperBlock(nn.Module):
         return out.reshape(h.shape)
 
 
-class HyperAdapter(SequentialAdapter):
-    """A Hyperformer placement: a sequential adapter (``SequentialAdapter``'s post-norm handling) whose bottleneck
-    is generated per row."""
+class HyperAdapter(OnOutput):
+    """A Hyperformer placement: a sequential adapter (the shared post-norm handling) whose bottleneck is generated
+    per row."""
 
     def __init__(self, spec: Hyperformer, base: nn.Module, net: HyperNet, index: int) -> None:
-        nn.Module.__init__(self)  # not SequentialAdapter's: its bottleneck holds weights of its own
-        self.spec = spec  # type: ignore[assignment]  # parts() reads only .scaling
-        self.block = HyperBlock(spec, base, net, index)  # type: ignore[assignment]  # parts() calls block(f(x))
-        self._norm = (base,) if is_norm(base) else None
+        super().__init__()
+        self.spec = spec
+        self.block = HyperBlock(spec, base, net, index)
+        self._on(base)
+
+    def change(self, h: Tensor) -> Tensor:
+        return self.block(h) * self.spec.scaling

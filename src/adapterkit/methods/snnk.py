@@ -41,12 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapterkit.core.errors import TargetError
-from adapterkit.core.interpret import unchanged
-from adapterkit.core.layers import io_sizes, is_norm, layer_info
+from adapterkit.core.layers import io_sizes, layer_info
 from adapterkit.core.precision import as_compute, master_dtype
-from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
+from adapterkit.methods.bottleneck import OnOutput
 
 
 def relu_features(h: Tensor, projection: Tensor, floor: float) -> Tensor:
@@ -105,10 +104,9 @@ class SNNK(AdapterSpec):
         return SNNKAdapter(self, base)
 
 
-class SNNKAdapter(nn.Module):
+class SNNKAdapter(OnOutput):
     """y = f(x) + u(f(x)), or LN(x + u(LN(x))) on a post-norm target; u the random-feature kernel layer."""
 
-    site = Site.OUTPUT
     projection: Tensor  # G: (m, d), a non-persistent buffer
     up: nn.Linear | None
     modulation: nn.Parameter | None
@@ -137,7 +135,7 @@ class SNNKAdapter(nn.Module):
         else:
             self.up = None
             self.modulation = nn.Parameter(torch.zeros(size, dtype=dtype, device=device))  # v: (d,)
-        self._norm = (base,) if is_norm(base) else None  # tuple: reference the norm without re-registering it
+        self._on(base)
 
     def change(self, h: Tensor) -> Tensor:
         """u(h) = up(Psi phi(h)): (..., d) -> (..., d)."""
@@ -147,16 +145,3 @@ class SNNKAdapter(nn.Module):
             return F.linear(z, as_compute(self.up.weight, h), as_compute(self.up.bias, h))  # (..., d)
         assert self.modulation is not None
         return z * as_compute(self.modulation, h)  # (..., d)
-
-    def parts(self, x: Tensor, base_out: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
-        """(stream, u(f(x)), finish) with output ``finish(stream + u(f(x)))``: on a post-norm target the stream is
-        the norm's input and finish the norm, else the stream is f(x) (see SequentialAdapter.parts)."""
-        delta = self.change(base_out)
-        if self._norm is not None:
-            return x, delta, self._norm[0].forward  # .forward: skip the hooks, which would recurse
-        return base_out, delta, unchanged
-
-    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
-        assert base_out is not None  # an OUTPUT adapter always gets the base output
-        stream, delta, finish = self.parts(x, base_out)
-        return finish(stream + delta)
