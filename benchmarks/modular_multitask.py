@@ -48,7 +48,7 @@ def _train(spec: Any, tasks: dict[str, Any], seed: int) -> dict[str, Any]:
     config = TrainConfig(epochs=protocol.epochs, lr=protocol.lr, batch_size=protocol.batch_size,
                          max_length=protocol.max_length, seed=seed)
     run = train_multitask(model, tokenizer, data, config, desc="multi-task")
-    return {"dev_accuracy": {t: round(v[-1], 2) for t, v in run["dev_accuracy"].items()},
+    return {"dev_accuracy": {t: round(v, 2) for t, v in run["dev_accuracy"].items()},
             "adapter_parameters": adapter, "train_seconds": round(run["train_seconds"], 1), "steps": run["steps"]}
 
 

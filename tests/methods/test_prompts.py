@@ -281,3 +281,23 @@ def test_prompt_tuning_under_gradient_checkpointing_gives_the_same_gradients(ree
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model(input_ids=ids, labels=ids).loss.backward()
     torch.testing.assert_close(_adapter(model).prompt.weight.grad, plain, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [ak.methods.PromptTuning(n_tokens=3), ak.methods.PrefixTuning(n_tokens=3)],
+                         ids=lambda s: s.method)
+def test_the_sft_loop_runs_the_whole_model_so_the_prompt_trains(spec) -> None:
+    """The SFT loop's shortcut (decoder body + head on the labelled rows only) would skip the model's own call."""
+    from adapterkit.train.sft import Batch, token_logprobs
+
+    model = make_tiny("llama")
+    ak.attach(model, "p", spec)
+    ak.train_only(model, "p")
+    ids = tokens()
+    labels = ids.clone()
+    labels[:, :3] = -100
+    logp, _ = token_logprobs(model, Batch(ids, torch.ones_like(ids), labels))
+    logits = model(input_ids=ids).logits[:, :-1]
+    want = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])[..., 0][labels[:, 1:] != -100]
+    torch.testing.assert_close(logp, want, atol=1e-5, rtol=0)
+    (-logp.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

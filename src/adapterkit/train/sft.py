@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adapterkit.core.files import atomic_write
+from adapterkit.core.host import host_of
 from adapterkit.core.spec import AdapterSpec
 from adapterkit.inject.engine import attach, train_only
 from adapterkit.inject.quantize import quantize_base
@@ -98,7 +99,10 @@ def padding_share(data: Tokenized, batches: list[list[int]]) -> float:
 
 def _direct_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder body, output layer) where logits are exactly head(body(...).last_hidden_state); None otherwise
-    (a model that rescales or caps its logits, or has no such parts, is run whole)."""
+    (a model that rescales or caps its logits, or has no such parts, is run whole, and so is one with an adapter on
+    its own call, such as prompt or prefix tuning, which runs only when the model itself is called)."""
+    if host_of(model) is not None:
+        return None
     config = getattr(model, "config", None)
     if any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         return None
