@@ -41,6 +41,11 @@ def test_every_method_serves_equal_to_a_plain_load(kind, spec, targets, tmp_path
     first, second = _saved(kind, spec, targets, tmp_path, scales=(0.05, 0.6))
     model = make_tiny(kind)
     store = AdapterStore(model, None, max_resident=1)  # one slot: every switch re-attaches from host memory
+    if spec.rewrites_call:  # prompt / prefix methods: one setting per batch, refused with the reason
+        with pytest.raises(ak.StateError, match="rewrites a module's whole call") as exc:
+            store.add("a", first)
+        assert "\n" not in str(exc.value) and store.entries == {} and ak.adapters(model) == []
+        return
     store.add("a", first)
     store.add("b", second)  # evicts a
     ids = tokens(batch=3, length=6)

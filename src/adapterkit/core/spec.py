@@ -34,6 +34,9 @@ class AdapterSpec:
     method: ClassVar[str] = ""
     # "" for an adapter method; for a combiner (the learned part of a block) the block kind it serves, e.g. "fuse"
     role: ClassVar[str] = ""
+    # True for methods whose modules rewrite the model's call (Site.CALL: prompt / prefix methods): one setting for
+    # the whole batch, so per-example serving and Select cannot run them
+    rewrites_call: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -70,6 +70,7 @@ class PrefixTuning(AdapterSpec):
     projection: str = "none"  # "none" (train the prefix itself) or "mlp" (the paper's reparametrisation)
     hidden: int | None = None  # the MLP's hidden size (default: the key/value width, as peft)
     positions: str = "shifted"  # real tokens start at position n (peft) or keep 0..T-1 ("kept", AdapterHub)
+    rewrites_call = True
 
     def __post_init__(self) -> None:
         require(isinstance(self.n_tokens, int) and self.n_tokens > 0,

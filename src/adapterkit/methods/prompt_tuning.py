@@ -54,6 +54,7 @@ def input_embeddings(model: nn.Module, method: str) -> nn.Module:
 @dataclass(frozen=True)
 class _PromptSpec(AdapterSpec):
     n_tokens: int = 20  # n, the virtual tokens
+    rewrites_call = True
 
     def __post_init__(self) -> None:
         require(isinstance(self.n_tokens, int) and self.n_tokens > 0,

@@ -240,6 +240,10 @@ class AdapterStore:
         if spec.role:
             raise StateError(f"{adapter_dir}: holds a combiner for {spec.role!r} blocks, which runs only inside "
                              "its block; the server serves adapters that run on their own")
+        if spec.rewrites_call:
+            raise StateError(f"{adapter_dir}: {spec.method} rewrites a module's whole call (its inputs, KV cache or "
+                             "output), the same for every row of a batch, so it cannot be chosen per request; serve "
+                             "it with transformers' generate on its own model")
         modules: dict[str, dict[str, torch.Tensor]] = {}
         for path in record.get("modules", []):
             module = self._modules.get(path)
