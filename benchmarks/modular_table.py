@@ -4,6 +4,9 @@ Part ``minilm``: all-MiniLM-L6-v2 on SST-2, SUBJ and TREC dev, the protocol of t
 training rows, 2 epochs = 126 steps, batch 16, max length 64, nothing tuned on these dev sets). Learning rates:
 2e-3 (LoRA's, the shared protocol) for every adapter; 1e-2 for prompt, P- and prefix tuning (PETL-AST's rate for
 them; at 2e-3 they barely move). 20 virtual tokens each.
+Part ``shifted``: prefix tuning with peft's shifted positions on SST-2 (the ``minilm`` rows keep BERT's positions).
+Part ``long``: SST-2 at 2,000 rows x 3 epochs (375 steps) for the methods that barely move in 126 steps, beside
+LoRA and the bottleneck.
 Part ``placement``: PETL-AST's placement study on text: a bottleneck and a conformer adapter at the same budget
 (about 9.6k parameters a layer: bottleneck hidden 12, conformer 8 channels, kernel 7 -- PETL-AST's 31 exceeds most
 SST-2 sentences -- LayerNorm instead of BatchNorm, since text batches are padded), each sequential or parallel,
@@ -57,9 +60,27 @@ def minilm_methods() -> dict[str, tuple[Any, Any, float | None]]:
         "Compacter++": (Compacter(), [FFN_NORM], None),
         "prompt tuning n=20": (ak.methods.PromptTuning(n_tokens=20), None, PROMPT_LR),
         "P-tuning n=20 (MLP)": (ak.methods.PTuning(n_tokens=20, hidden=128), None, PROMPT_LR),
-        "prefix tuning n=20 (MLP)": (ak.methods.PrefixTuning(n_tokens=20, projection="mlp", hidden=128), None,
-                                     PROMPT_LR),
+        # positions kept (AdapterHub's): a BERT's [CLS] stays at position 0; peft's shift moves it to n (one run
+        # of that, on SST-2, shows what it costs)
+        "prefix tuning n=20 (MLP, positions kept)": (
+            ak.methods.PrefixTuning(n_tokens=20, projection="mlp", hidden=128, positions="kept"), None, PROMPT_LR),
     }
+
+
+def shifted_prefix() -> dict[str, tuple[Any, Any, float | None]]:
+    import adapterkit as ak
+
+    return {"prefix tuning n=20 (MLP)": (ak.methods.PrefixTuning(n_tokens=20, projection="mlp", hidden=128), None,
+                                         PROMPT_LR)}
+
+
+LONG_ROWS, LONG_EPOCHS = 2000, 3  # 375 steps: where the slow starters move (SST-2 only)
+
+
+def long_methods() -> dict[str, tuple[Any, Any, float | None]]:
+    chosen = ("LoRA r=8", "bottleneck rf=16 (Pfeiffer)", "Compacter", "prompt tuning n=20",
+              "prefix tuning n=20 (MLP, positions kept)")
+    return {name: spec for name, spec in minilm_methods().items() if name in chosen}
 
 
 PLACEMENTS = {"seq FFN": FFN_OUT, "par FFN": "intermediate", "seq MHSA": "attention.output.dense",
@@ -109,8 +130,9 @@ def run_minilm(part: str, worker: int, workers: int, only: list[str] | None, tas
                budget: Budget) -> None:
     from tasks import Protocol, load_task, train_once
 
-    methods = minilm_methods() if part == "minilm" else placement_methods()
-    protocol = Protocol(train_rows=1000, epochs=2)
+    methods = {"minilm": minilm_methods, "placement": placement_methods, "shifted": shifted_prefix,
+               "long": long_methods}[part]()
+    protocol = Protocol(train_rows=LONG_ROWS, epochs=LONG_EPOCHS) if part == "long" else Protocol(1000, 2)
     jobs = [(task, name, seed) for task in tasks for name in methods for seed in SEEDS if not only or name in only]
     done = _done()
     for index, (task_name, name, seed) in enumerate(jobs):
@@ -215,7 +237,8 @@ def _grouped(records: list[dict[str, Any]], value: str) -> dict[str, dict[str, l
 
 
 def table() -> None:
-    for part, tasks in (("minilm", ("sst2", "subj", "trec")), ("placement", ("sst2", "trec"))):
+    for part, tasks in (("minilm", ("sst2", "subj", "trec")), ("shifted", ("sst2",)), ("placement", ("sst2", "trec")),
+                        ("long", ("sst2",))):
         records = _records(part)
         if not records:
             continue
@@ -245,7 +268,7 @@ def table() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["minilm", "placement", "multitask", "smollm2", "table"])
+    parser.add_argument("part", choices=["minilm", "placement", "shifted", "long", "multitask", "smollm2", "table"])
     parser.add_argument("--worker", default="0/1", help="i/n: run every n-th job starting at i (two processes)")
     parser.add_argument("--only", nargs="*", help="method names to run (default: all of the part)")
     parser.add_argument("--tasks", nargs="*", help="tasks (default: the part's)")
@@ -256,8 +279,9 @@ def main() -> None:
     args = parser.parse_args()
     budget = Budget(args.limit)
     worker, workers = (int(v) for v in args.worker.split("/"))
-    if args.part in ("minilm", "placement"):
-        default = ("sst2", "subj", "trec") if args.part == "minilm" else ("sst2", "trec")
+    if args.part in ("minilm", "placement", "shifted", "long"):
+        default = ("sst2", "subj", "trec") if args.part == "minilm" else ("sst2", "trec") \
+            if args.part == "placement" else ("sst2",)
         run_minilm(args.part, worker, workers, args.only, tuple(args.tasks or default), budget)
     elif args.part == "smollm2":
         run_smollm2(args.only, args.rows, args.dev_rows, tuple(args.seeds), budget)
