@@ -70,8 +70,9 @@ def check_residual_init(base, ours, theirs, name: str) -> list:
         adapter = host.adapter(name)
         layer = theirs.base_model.model.get_submodule(path)
         a_peft, b_peft = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        assert (_aligned(adapter.lora_a, a_peft, 1) - a_peft).abs().max() <= 1e-5
-        assert (_aligned(adapter.lora_b, b_peft, 0) - b_peft).abs().max() <= 1e-5
+        # float32 singular vectors move with the BLAS thread count (CorDA-KPM's bottom ones by 1.5e-5 at one thread)
+        assert (_aligned(adapter.lora_a, a_peft, 1) - a_peft).abs().max() <= 5e-5
+        assert (_aligned(adapter.lora_b, b_peft, 0) - b_peft).abs().max() <= 5e-5
         assert (module.weight - layer.get_base_layer().weight).abs().max() <= 1e-5  # the residual base
     ids = tokens(batch=2, length=10)
     expected, got = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
