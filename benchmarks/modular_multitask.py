@@ -21,15 +21,21 @@ TASKS = ("sst2", "subj", "trec")
 FFN_NORM = r"re:.*\.layer\.\d+\.output\.LayerNorm"
 
 
-def variants() -> dict[str, Callable[[], Any]]:
+def variants() -> dict[str, tuple[Callable[[], Any], float | None]]:
+    """name -> (spec factory, learning rate; None: the protocol's 2e-3)."""
     import adapterkit as ak
 
-    return {"one adapter (all tasks)": lambda: ak.SeqBottleneck(reduction_factor=16),
-            "one adapter, tied across layers": lambda: ak.methods.Shared(ak.SeqBottleneck(reduction_factor=16)),
-            "Hyperformer": lambda: ak.methods.Hyperformer(n_tasks=len(TASKS), reduction_factor=16)}
+    def hyper() -> Any:
+        return ak.methods.Hyperformer(n_tasks=len(TASKS), reduction_factor=16)
+
+    return {"one adapter (all tasks)": (lambda: ak.SeqBottleneck(reduction_factor=16), None),
+            "one adapter, tied across layers": (lambda: ak.methods.Shared(ak.SeqBottleneck(reduction_factor=16)),
+                                                None),
+            "Hyperformer": (hyper, None),
+            "Hyperformer @ lr 1e-3 (VL-Adapter's)": (hyper, 1e-3)}
 
 
-def _train(spec: Any, tasks: dict[str, Any], seed: int) -> dict[str, Any]:
+def _train(spec: Any, tasks: dict[str, Any], seed: int, lr: float | None = None) -> dict[str, Any]:
     import adapterkit as ak
     from adapterkit.cli.commands import load_classifier
     from adapterkit.train.loop import TrainConfig, seed_everything
@@ -45,11 +51,13 @@ def _train(spec: Any, tasks: dict[str, Any], seed: int) -> dict[str, Any]:
     adapter = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     model = MultiTaskClassifier(encoder, {t: tasks[t].num_labels for t in tasks})
     data = {t: (subset(tasks[t].train, protocol.train_rows, seed), tasks[t].dev) for t in tasks}
-    config = TrainConfig(epochs=protocol.epochs, lr=protocol.lr, batch_size=protocol.batch_size,
+    config = TrainConfig(epochs=protocol.epochs, lr=lr or protocol.lr, batch_size=protocol.batch_size,
                          max_length=protocol.max_length, seed=seed)
     run = train_multitask(model, tokenizer, data, config, desc="multi-task")
-    return {"dev_accuracy": {t: round(v, 2) for t, v in run["dev_accuracy"].items()},
-            "adapter_parameters": adapter, "train_seconds": round(run["train_seconds"], 1), "steps": run["steps"]}
+    losses = run["history"]["loss"]
+    return {"dev_accuracy": {t: round(v, 2) for t, v in run["dev_accuracy"].items()}, "lr": config.lr,
+            "adapter_parameters": adapter, "train_seconds": round(run["train_seconds"], 1), "steps": run["steps"],
+            "loss_first25": round(sum(losses[:25]) / 25, 4), "loss_last25": round(sum(losses[-25:]) / 25, 4)}
 
 
 def run_multitask(done: set[str], append: Callable[[dict[str, Any]], None], seeds: tuple[int, ...],
@@ -58,18 +66,19 @@ def run_multitask(done: set[str], append: Callable[[dict[str, Any]], None], seed
     from tasks import load_task
 
     tasks = {t: load_task(t) for t in TASKS}
-    jobs: list[tuple[str, Callable[[], Any], dict[str, Any]]] = [
-        (f"per-task adapter ({t})", lambda: ak.SeqBottleneck(reduction_factor=16), {t: tasks[t]}) for t in TASKS]
-    jobs += [(name, factory, tasks) for name, factory in variants().items()]
+    jobs: list[tuple[str, Callable[[], Any], dict[str, Any], float | None]] = [
+        (f"per-task adapter ({t})", lambda: ak.SeqBottleneck(reduction_factor=16), {t: tasks[t]}, None)
+        for t in TASKS]
+    jobs += [(name, factory, tasks, lr) for name, (factory, lr) in variants().items()]
     for seed in seeds:
-        for name, factory, chosen in jobs:
+        for name, factory, chosen, lr in jobs:
             key = f"multitask/{name}/{seed}"
             if key in done:
                 continue
             if not take():
                 return
             start = time.perf_counter()
-            result = _train(factory(), chosen, seed)
+            result = _train(factory(), chosen, seed, lr)
             result.update(key=key, part="multitask", method=name, seed=seed,
                           wall_seconds=round(time.perf_counter() - start, 1))
             append(result)
