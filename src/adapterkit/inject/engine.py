@@ -21,7 +21,7 @@ from adapterkit.core.spec import AdapterSpec
 from adapterkit.core.tree import adapter_names, hosts, names_in, placements
 from adapterkit.inject.fingerprint import module_fingerprint
 from adapterkit.inject.grad_inputs import disable_input_grads, enable_input_grads
-from adapterkit.inject.select import Targets, select
+from adapterkit.inject.select import Targets, placed, select
 
 __all__ = ["adapter_names", "attach", "attach_at", "detach", "hosts", "placements", "set_active", "train_only"]
 
@@ -34,16 +34,7 @@ def attach(model: nn.Module, name: str, spec: AdapterSpec, targets: Targets | No
     Without targets the spec places itself (``AdapterSpec.default_targets``: prompt and prefix methods, which act
     on the model's call as a whole); other specs need targets."""
     _check_new(model, name, spec)
-    own = spec.default_targets(model)
-    if own is not None and not _none(targets):
-        raise TargetError(f"attach({name!r}): {spec.method} places itself ({own[0][0] or 'the model'}); give no "
-                          "targets")
-    return _build(name, spec, own if own is not None else select(model, targets))
-
-
-def _none(targets: Targets | None) -> bool:
-    """No targets: None or an empty list (what the command line passes for a method that places itself)."""
-    return targets is None or (isinstance(targets, (list, tuple)) and not targets)
+    return _build(name, spec, placed(model, spec, targets, f"attach({name!r})"))
 
 
 def attach_at(model: nn.Module, name: str, spec: AdapterSpec, paths: Sequence[str], fresh_init: bool = True,

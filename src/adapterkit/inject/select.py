@@ -63,6 +63,17 @@ def select(model: nn.Module, targets: Targets | None) -> list[tuple[str, nn.Modu
     return chosen
 
 
+def placed(model: nn.Module, spec: AdapterSpec, targets: Targets | None, what: str) -> list[tuple[str, nn.Module]]:
+    """Where ``spec`` goes: the modules ``targets`` select, or, for a spec that places itself (prompt / prefix
+    methods: ``AdapterSpec.default_targets``), its own place, in which case targets must be absent (None or [])."""
+    own = spec.default_targets(model)
+    if own is None:
+        return select(model, targets)
+    if not (targets is None or (isinstance(targets, (list, tuple)) and not targets)):
+        raise TargetError(f"{what}: {spec.method} places itself ({own[0][0] or 'the model'}); give no targets")
+    return own
+
+
 def _closest(modules: list[tuple[str, nn.Module]], items: list[Target]) -> str:
     leaves = sorted({p.split(".")[-1] for p, _ in modules} | {".".join(p.split(".")[-2:]) for p, _ in modules})
     words = [t[3:] if t.startswith("re:") else t for t in items if isinstance(t, str)]
@@ -183,8 +194,7 @@ def explain(model: nn.Module, targets: Targets | None = None, spec: AdapterSpec 
     ``trainable params: X || all params: Y || trainable%: Z`` line."""
     if targets is None and spec is None:
         return summarize(model)
-    own = spec.default_targets(model) if spec is not None and not targets else None
-    chosen = own if own is not None else select(model, targets)  # None: select's one-line error
+    chosen = placed(model, spec, targets, "explain") if spec is not None else select(model, targets)
     counts = [0] * len(chosen)
     if spec is not None:
         for path, module in chosen:
