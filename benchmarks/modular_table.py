@@ -61,17 +61,20 @@ def minilm_methods() -> dict[str, tuple[Any, Any, float | None]]:
         "prompt tuning n=20": (ak.methods.PromptTuning(n_tokens=20), None, PROMPT_LR),
         "P-tuning n=20 (MLP)": (ak.methods.PTuning(n_tokens=20, hidden=128), None, PROMPT_LR),
         # positions kept (AdapterHub's): a BERT's [CLS] stays at position 0; peft's shift moves it to n (one run
-        # of that, on SST-2, shows what it costs)
-        "prefix tuning n=20 (MLP, positions kept)": (
-            ak.methods.PrefixTuning(n_tokens=20, projection="mlp", hidden=128, positions="kept"), None, PROMPT_LR),
+        # of that, on SST-2, shows what it costs). Random init is peft's; real-token init the paper's
+        "prefix tuning n=20 (MLP, kept, random init)": (
+            ak.methods.PrefixTuning(n_tokens=20, projection="mlp", hidden=128, positions="kept", init="random"),
+            None, PROMPT_LR),
+        "prefix tuning n=20 (kept, real-token init)": (
+            ak.methods.PrefixTuning(n_tokens=20, positions="kept"), None, PROMPT_LR),
     }
 
 
 def shifted_prefix() -> dict[str, tuple[Any, Any, float | None]]:
     import adapterkit as ak
 
-    return {"prefix tuning n=20 (MLP)": (ak.methods.PrefixTuning(n_tokens=20, projection="mlp", hidden=128), None,
-                                         PROMPT_LR)}
+    return {"prefix tuning n=20 (MLP, random init)": (
+        ak.methods.PrefixTuning(n_tokens=20, projection="mlp", hidden=128, init="random"), None, PROMPT_LR)}
 
 
 LONG_ROWS, LONG_EPOCHS = 2000, 3  # 375 steps: where the slow starters move (SST-2 only)
@@ -161,9 +164,11 @@ def smollm2_methods() -> dict[str, tuple[Any, Any, float]]:
         return lambda: spec_from_dict({"method": method, **fields})
 
     return {"prompt tuning n=20": (lambda: ak.methods.PromptTuning(n_tokens=20), None, PROMPT_LR),
-            "prefix tuning n=20 (MLP)": (lambda: ak.methods.PrefixTuning(n_tokens=20, projection="mlp", hidden=256),
-                                         None, PROMPT_LR),
+            "prefix tuning n=20 (MLP, random init)": (
+                lambda: ak.methods.PrefixTuning(n_tokens=20, projection="mlp", hidden=256, init="random"), None,
+                PROMPT_LR),
             "LLaMA-Adapter (adaption prompt)": (landed("adaption_prompt"), None, PROMPT_LR),
+            "prefix tuning n=20 (real-token init)": (lambda: ak.methods.PrefixTuning(n_tokens=20), None, PROMPT_LR),
             "inner layers x2": (landed("inner_layers"), [r"re:model\.layers\.(14|29)"], 1e-4)}
 
 

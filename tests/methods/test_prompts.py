@@ -301,3 +301,24 @@ def test_the_sft_loop_runs_the_whole_model_so_the_prompt_trains(spec) -> None:
     torch.testing.assert_close(logp, want, atol=1e-5, rtol=0)
     (-logp.sum()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_prefix_from_real_tokens_equals_the_model_reading_them_first(kind) -> None:
+    """init="text": P is the model's own cache for those tokens, so the adapted model on x equals the bare model on
+    [tokens ; x] at x's positions (a causal LM; peft's shifted positions are exactly that)."""
+    start = (5, 17, 42)
+    model = make_tiny(kind)
+    base = make_tiny(kind)
+    ak.attach(model, "p", ak.methods.PrefixTuning(n_tokens=3, init="text", init_ids=start))
+    ids = tokens(length=6)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        whole = base(input_ids=torch.cat([torch.tensor([start] * 2), ids], 1)).logits[:, 3:]
+    torch.testing.assert_close(got, whole, atol=1e-5, rtol=0)
+    mlp = make_tiny(kind)
+    ak.attach(mlp, "p", ak.methods.PrefixTuning(n_tokens=1, projection="mlp", init="text", init_ids=(5,)))
+    with torch.no_grad():  # the MLP starts at weight 0, bias = the mean real key/value: one token, that token's
+        torch.testing.assert_close(mlp(input_ids=ids).logits,
+                                   base(input_ids=torch.cat([torch.tensor([[5]] * 2), ids], 1)).logits[:, 1:],
+                                   atol=1e-5, rtol=0)

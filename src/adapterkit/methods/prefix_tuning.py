@@ -4,6 +4,8 @@ attention layer's own.
     attention_l(x) = softmax(q [P^K_l ; K_l]^T / sqrt(d_h)) [P^V_l ; V_l]      P^K_l, P^V_l: (heads_kv, n, d_h)
 
     P = E                                   (plain: E of shape (n, L * 2 * heads_kv * d_h) is trained)
+    P_0 = the model's keys / values of n real tokens (init "vocab" / "text", the paper's section 7.2; peft's
+          random N(0, 1) start is init "random", and it derails small models: SmolLM2's loss goes from 1.1 to 9)
     P = W_2 tanh(W_1 E + b_1) + b_2          (projection="mlp": E (n, heads_kv * d_h), hidden ``hidden`` wide;
                                             the paper's reparametrisation for stabler training)
 
@@ -40,11 +42,13 @@ from adapterkit.methods.virtual_tokens import (
     first_of,
     outermost,
     rows_and_length,
+    start_ids,
     widen_mask,
 )
 
 PROJECTIONS = ("none", "mlp")
 POSITIONS = ("shifted", "kept")
+INITS = ("vocab", "text", "random")
 
 
 def kv_sizes(model: nn.Module, method: str) -> tuple[int, int, int]:
@@ -70,6 +74,8 @@ class PrefixTuning(AdapterSpec):
     projection: str = "none"  # "none" (train the prefix itself) or "mlp" (the paper's reparametrisation)
     hidden: int | None = None  # the MLP's hidden size (default: the key/value width, as peft)
     positions: str = "shifted"  # real tokens start at position n (peft) or keep 0..T-1 ("kept", AdapterHub)
+    init: str = "vocab"  # one of INITS: the model's keys/values of n real tokens, or P ~ N(0, 1) (peft's default)
+    init_ids: tuple[int, ...] = ()  # token ids for init="text"
     rewrites_call = True
 
     def __post_init__(self) -> None:
@@ -80,6 +86,9 @@ class PrefixTuning(AdapterSpec):
         require(self.hidden is None or self.hidden > 0, f"prefix_tuning: hidden must be > 0, got {self.hidden}")
         require(self.positions in POSITIONS,
                 f"prefix_tuning: positions must be one of {POSITIONS}, got {self.positions!r}")
+        require(self.init in INITS, f"prefix_tuning: init must be one of {INITS}, got {self.init!r}")
+        require(self.init != "text" or len(self.init_ids) > 0,
+                "prefix_tuning: init='text' needs init_ids (the token ids of the init phrase)")
 
     @property
     def starts_as_identity(self) -> bool:
@@ -114,12 +123,47 @@ class PrefixAdapter(nn.Module):
         out = self.layers * 2 * width
         self.embedding = nn.Parameter(torch.randn(spec.n_tokens, out if spec.projection == "none" else width,
                                                   dtype=dtype, device=like.device))
-        self.mlp: nn.Module | None = None
+        self.mlp: nn.Sequential | None = None
         if spec.projection == "mlp":
             hidden = spec.hidden or width
             self.mlp = nn.Sequential(nn.Linear(width, hidden, dtype=dtype, device=like.device), nn.Tanh(),
                                      nn.Linear(hidden, out, dtype=dtype, device=like.device))
+        if spec.init != "random":
+            self._start_from_real_tokens(base)
 
+    @torch.no_grad()
+    def _start_from_real_tokens(self, base: nn.Module) -> None:
+        """P = the model's own keys and values for n real tokens (the paper's init, Li & Liang 2021 section 7.2: far
+        better than random): one forward of the token ids with an empty cache, which every attention layer fills.
+        With the MLP, its last layer starts at weight 0 and bias P, so it outputs P and learns from there."""
+        from transformers.cache_utils import DynamicCache
+
+        get = getattr(base, "get_input_embeddings", None)
+        vocab = getattr(get() if callable(get) else None, "num_embeddings", None)
+        if not isinstance(vocab, int):
+            raise TargetError("prefix_tuning: init='vocab' / 'text' needs the model's input embedding; use "
+                              "init='random'")
+        n = self.spec.n_tokens
+        ids = start_ids(self.spec.init, self.spec.init_ids, n, vocab, self.spec.method)
+        cache = DynamicCache()
+        was_training = base.training
+        base.eval()
+        base(input_ids=ids[None].to(self.embedding.device), past_key_values=cache, use_cache=True)
+        base.train(was_training)
+        if len(cache.layers) != self.layers:
+            raise TargetError(f"prefix_tuning: the model filled {len(cache.layers)} cache layers, not its "
+                              f"{self.layers}; use init='random'")
+        kv = torch.stack([torch.stack([_filled(layer.keys), _filled(layer.values)]) for layer in cache.layers])
+        # kv: (L, 2, heads_kv, n, d_h)
+        flat = kv.reshape(2 * self.layers, self.kv_heads, n, self.head_dim).permute(2, 0, 1, 3).reshape(n, -1)
+        if self.mlp is None:
+            self.embedding.copy_(flat)
+        else:
+            last = self.mlp[2]
+            assert isinstance(last, nn.Linear)
+            last.weight.zero_()
+            last.bias.copy_(flat.mean(0))  # one bias for every token: the mean real-token key/value
+            self.embedding.normal_()
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         raise TypeError("prefix_tuning rewrites the model's call; it has no per-layer forward")
 
@@ -172,3 +216,9 @@ class PrefixAdapter(nn.Module):
         for layer, (keys, values) in enumerate(prefix):
             cache.update(keys, values, layer, {"cache_position": positions})
         return cache
+
+
+def _filled(tensor: Tensor | None) -> Tensor:
+    """A cache layer's keys or values of the one row the init ran: (heads_kv, n, d_h)."""
+    assert tensor is not None  # every layer was filled (checked by the caller)
+    return tensor[0]

@@ -35,6 +35,7 @@ from adapterkit.methods.virtual_tokens import (
     outermost,
     pad_left,
     rows_and_length,
+    start_ids,
     strip_logits,
     widen_mask,
 )
@@ -103,10 +104,7 @@ class LearnedPrompt(nn.Module):
             if spec.init == "random":
                 start = torch.randn(spec.n_tokens, weight.shape[1], device=weight.device)
             else:
-                ids = (torch.randint(0, vocab, (spec.n_tokens,)) if spec.init == "vocab"
-                       else torch.tensor(spec.init_ids).repeat(-(-spec.n_tokens // len(spec.init_ids)))[:spec.n_tokens])
-                if int(ids.max()) >= vocab or int(ids.min()) < 0:
-                    raise TargetError(f"prompt_tuning: init_ids must lie in [0, {vocab}), the vocabulary")
+                ids = start_ids(spec.init, spec.init_ids, spec.n_tokens, vocab, spec.method)
                 start = embedding(ids.to(weight.device)).float()
         self.weight = nn.Parameter(start.to(master_dtype(weight)))
 

@@ -144,3 +144,13 @@ def strip_logits(output: Any, n: int) -> Any:
     if isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[1] > n:
         output["logits"] = logits[:, n:]
     return output
+
+
+def start_ids(init: str, init_ids: tuple[int, ...], n: int, vocab: int, method: str) -> Tensor:
+    """The n token ids a virtual-token init copies: drawn from the vocabulary ("vocab"), or ``init_ids`` repeated or
+    cut to n ("text"); a one-line error for ids outside the vocabulary."""
+    ids = (torch.randint(0, vocab, (n,)) if init == "vocab"
+           else torch.tensor(init_ids).repeat(-(-n // len(init_ids)))[:n])
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise TargetError(f"{method}: init_ids must lie in [0, {vocab}), the vocabulary")
+    return ids
