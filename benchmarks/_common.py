@@ -46,3 +46,21 @@ def attach_sst2_lora(model, library: str):
     ak.attach(model, "sst2", ak.LoRA(r=8, alpha=16), targets=["query", "value"])
     ak.train_only(model, "sst2", also=["classifier"])
     return model
+
+
+def done_keys(path: Path) -> set[str]:
+    """The ``key`` of every record in a resumable JSONL results file (a rerun skips them)."""
+    import json
+
+    if not path.exists():
+        return set()
+    return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one finished run to a JSONL results file (a line a run: a killed run loses only itself)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as out:
+        out.write(json.dumps(record) + "\n")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import _common  # noqa: F401  (offline hub)
+from _common import append_record, done_keys
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lowrank_table.jsonl"
 QV = ["query", "value"]
@@ -79,15 +80,11 @@ def minilm_methods() -> dict[str, tuple[Any, list[str], dict[str, Any], str | No
 
 
 def _done() -> set[str]:
-    if not RESULTS.exists():
-        return set()
-    return {json.loads(line)["key"] for line in RESULTS.read_text().splitlines() if line.strip()}
+    return done_keys(RESULTS)
 
 
 def _append(record: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as out:
-        out.write(json.dumps(record) + "\n")
+    append_record(RESULTS, record)
 
 
 def _general(tokenizer: Any, chat: bool, model_config: Any = None) -> tuple[list[list[int]], Any]:

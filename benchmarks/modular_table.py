@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import _common  # noqa: F401  (offline hub)
+from _common import append_record, done_keys
 
 RESULTS = Path(__file__).resolve().parent / "results" / "modular_table.jsonl"
 SEEDS = (0, 1)
@@ -103,15 +104,11 @@ def placement_methods() -> dict[str, tuple[Any, Any, float | None]]:
 
 
 def _done() -> set[str]:
-    if not RESULTS.exists():
-        return set()
-    return {json.loads(line)["key"] for line in RESULTS.read_text().splitlines() if line.strip()}
+    return done_keys(RESULTS)
 
 
 def _append(record: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as out:
-        out.write(json.dumps(record) + "\n")
+    append_record(RESULTS, record)
 
 
 class Budget:

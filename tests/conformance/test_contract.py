@@ -11,7 +11,7 @@ import torch
 
 import adapterkit as ak
 from adapterkit.core.errors import SpecError
-from adapterkit.core.protocol import Mergeable
+from adapterkit.core.protocol import Mergeable, Site
 from adapterkit.inject.engine import placements
 from tests.conftest import logits, make_tiny, randomize, tokens
 
@@ -153,3 +153,11 @@ def test_spec_json_round_trip_and_bad_fields(method) -> None:
     for field in strings:
         with pytest.raises(SpecError, match=field.name):
             dataclasses.replace(spec, **{field.name: "no-such-choice"})
+
+
+@pytest.mark.parametrize("kind,spec,targets", PARAMS)
+def test_rewrites_call_says_what_the_modules_do(kind, spec, targets) -> None:
+    """The store refuses by the spec's flag before building anything; the host runs by the modules' site: they agree."""
+    model = _attached(kind, spec, targets)
+    sites = {host.adapter("a").site for _, _, host in placements(model, "a")}
+    assert (Site.CALL in sites) == spec.rewrites_call

@@ -108,6 +108,19 @@ class Routing:
         self.losses.clear()
 
 
+class TaskIds:
+    """Per-row task ids given to ``use(..., task_ids=...)``, for a block's task routing (``BlockPlan``) or for plain
+    adapters that read each row's task; per-device copies are cached, so each layer only reads them."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def for_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Task id per row of ``x`` (beams repeat their example's id)."""
+        return per_row(self.ids, self._on, x, "use(...) got {given} task ids but the batch has {rows} rows")
+
+
 class BlockPlan:
     """One ``use(model, block, task_ids=...)``: the block, per-row task ids, and where results are reported.
 
@@ -119,18 +132,17 @@ class BlockPlan:
                  token_mask: torch.Tensor | None = None) -> None:
         self.block = block
         self.names = frozenset(block.leaves()) | {name for _, name in block.combiners()}
-        self.task_ids = task_ids
+        self.task_ids = None if task_ids is None else TaskIds(task_ids)
         self.token_mask = token_mask  # (batch, tokens), nonzero for real tokens; None: every token is real
         self.routing = routing
         self.state: dict[str, Any] = {}
-        self._on: dict[torch.device, torch.Tensor] = {}
         self._real: dict[torch.device, torch.Tensor] = {}
 
     def task_ids_for(self, x: torch.Tensor) -> torch.Tensor:
         """Task id per row of ``x`` (beams repeat their example's id); a clear error when none were given."""
         if self.task_ids is None:
             raise ValueError("this block routes by task: pass task_ids= to use(...)")
-        return per_row(self.task_ids, self._on, x, "use(...) got {given} task ids but the batch has {rows} rows")
+        return self.task_ids.for_rows(x)
 
     def real_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
         """For an activation ``x`` (batch, tokens, features): a flat bool mask of its real (non-padding) tokens, or
@@ -142,19 +154,6 @@ class BlockPlan:
         if flat is None:  # once per device and use block, not once per routed module
             flat = self._real[x.device] = mask.to(x.device).reshape(-1).bool()
         return flat
-
-
-class TaskIds:
-    """Per-row task ids given to ``use(model, "a", ..., task_ids=...)`` for plain adapters that read each row's task
-    (a block's ids live in its ``BlockPlan``); per-device copies are cached, so each layer only reads them."""
-
-    def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids
-        self._on: dict[torch.device, torch.Tensor] = {}
-
-    def for_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Task id per row of ``x`` (beams repeat their example's id)."""
-        return per_row(self.ids, self._on, x, "use(...) got {given} task ids but the batch has {rows} rows")
 
 
 @dataclass(frozen=True)
@@ -174,9 +173,8 @@ def task_ids_in(setup: Setup | None, x: torch.Tensor) -> torch.Tensor | None:
     (``use(model, "a", task_ids=)``); None when the call gave none (the reader decides whether that is an error)."""
     if setup is None:
         return None
-    if setup.block is not None:
-        return None if setup.block.task_ids is None else setup.block.task_ids_for(x)
-    return None if setup.task_ids is None else setup.task_ids.for_rows(x)
+    ids = setup.block.task_ids if setup.block is not None else setup.task_ids
+    return None if ids is None else ids.for_rows(x)
 
 
 _SETUPS: ContextVar[Mapping[Any, Setup]] = ContextVar("adapterkit_setups", default=MappingProxyType({}))

@@ -74,7 +74,7 @@ class Host(nn.Module):
 
     def _sites_changed(self) -> None:
         sites = {getattr(a, "site", None) for a in self._modules.values()}
-        self._has_inputs = Site.INPUT in sites or Site.CALL in sites
+        self._has_inputs = Site.INPUT in sites or Site.CALL in sites  # the pre-hook has work
         self._has_calls = Site.CALL in sites
 
     # -- merging into the base module's weights ----------------------------------------------------
@@ -160,24 +160,25 @@ class Host(nn.Module):
         return [a for a in self.running(None if setup is None else setup.names) if a.site is Site.CALL]
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self._has_calls:
-            calls = self._calls(self._setup())
-            if calls:
-                new = self._post_hook_tensors(module, args, kwargs, output)
-                output = output if new is None else new
-                for adapter in calls:
-                    output = adapter.after(module, args, kwargs, output)
-                return output
-        return self._post_hook_tensors(module, args, kwargs, output)
+        setup = self._setup()
+        calls = self._calls(setup) if self._has_calls else []
+        new = self._outputs(setup, args, kwargs, output)
+        if not calls:
+            return new
+        output = output if new is None else new
+        for adapter in calls:
+            output = adapter.after(module, args, kwargs, output)
+        return output
 
-    def _post_hook_tensors(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _outputs(self, setup: Setup | None, args: tuple, kwargs: dict, output: Any) -> Any:
+        """The base output with the tensor adapters (PARALLEL, OUTPUT) applied; None: unchanged."""
         if not args and not kwargs:
             return None
         x = args[0] if args else next(iter(kwargs.values()))
         # modules such as attention blocks return (hidden, extras...): adapters act on the first element
         hidden = output[0] if isinstance(output, tuple) else output
         inplace = self._inplace and hidden is output and inplace_allowed()
-        new = run_outputs(self, self._setup(), x, hidden, inplace)
+        new = run_outputs(self, setup, x, hidden, inplace)
         if new is None:
             return None
         return (new, *output[1:]) if isinstance(output, tuple) else new
