@@ -28,7 +28,7 @@ def make_minilm(num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
 
 
 def make_tiny(kind: str, seed: int = 0) -> torch.nn.Module:
-    """A small random model: "bert" (classifier), "gpt2" or "llama" (causal LMs)."""
+    """A small random model: "bert" (classifier), "gpt2" or "llama" (causal LMs), "cnn" (a conv classifier)."""
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
@@ -49,6 +49,10 @@ def make_tiny(kind: str, seed: int = 0) -> torch.nn.Module:
         config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         return LlamaForCausalLM(config).eval()
+    if kind == "cnn":  # a small conv classifier reading the token ids as a picture (tests/tiny_cnn.py)
+        from tests.tiny_cnn import TinyCNN
+
+        return TinyCNN().eval()
     raise ValueError(kind)
 
 
