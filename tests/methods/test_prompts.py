@@ -322,3 +322,18 @@ def test_prefix_from_real_tokens_equals_the_model_reading_them_first(kind) -> No
         torch.testing.assert_close(mlp(input_ids=ids).logits,
                                    base(input_ids=torch.cat([torch.tensor([[5]] * 2), ids], 1)).logits[:, 1:],
                                    atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_a_second_prefix_starts_from_the_bare_model_not_through_the_first(kind):
+    """The real-token start runs the model once; an active prefix adapter must not take part (it used to add its
+    own n virtual tokens to the cache, and the second prefix failed to build or started from the wrong values)."""
+    model = make_tiny(kind)
+    torch.manual_seed(0)  # the same random real tokens for both
+    ak.attach(model, "a", ak.methods.PrefixTuning(n_tokens=4))
+    torch.manual_seed(0)
+    ak.attach(model, "b", ak.methods.PrefixTuning(n_tokens=4))  # "a" is active while "b" initialises
+    first, second = _adapter(model, "a").state_dict(), _adapter(model, "b").state_dict()
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key

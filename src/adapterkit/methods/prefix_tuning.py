@@ -28,11 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adapterkit.core.context import Setup, scoped
 from adapterkit.core.errors import AdapterKitError, TargetError
 from adapterkit.core.precision import master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
+from adapterkit.core.tree import hosts
 from adapterkit.methods.virtual_tokens import (
     cached_length,
     call_kwargs,
@@ -148,7 +150,8 @@ class PrefixAdapter(nn.Module):
         cache = DynamicCache()
         was_training = base.training
         base.eval()
-        base(input_ids=ids[None].to(self.embedding.device), past_key_values=cache, use_cache=True)
+        with scoped([host for _, _, host in hosts(base)], Setup(names=())):  # the bare model: no other adapter's
+            base(input_ids=ids[None].to(self.embedding.device), past_key_values=cache, use_cache=True)  # prefix
         base.train(was_training)
         if len(cache.layers) != self.layers:
             raise TargetError(f"prefix_tuning: the model filled {len(cache.layers)} cache layers, not its "
