@@ -218,3 +218,69 @@ def test_ear_picks_among_candidates_by_the_zero_cost_proxy():
     cl.run_stream(method, learner, stream_of(learner.backbone, groups=((0, 1),)))
     assert method.events[0]["spec"].startswith("candidate ")
     assert "ear_probe" not in learner.placed and list(learner.placed) == ["ear_adaptor0"]
+
+
+# ---- images ---------------------------------------------------------------------------------------------------
+class SmallCNN(nn.Module):
+    """Stem conv, BatchNorm, a pointwise conv, pooling: enough for LoRA on a 1x1 conv and a conv bottleneck."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.point = nn.Conv2d(8, 16, 1)
+        with torch.no_grad():
+            self.bn.running_mean.normal_(0.0, 0.1)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.point(torch.relu(self.bn(self.stem(x))))).mean((2, 3))
+
+
+def pictures(classes: list[int], per_class: int, seed: int) -> cl.Examples:
+    """Class c shifts channel c % 3 up (c < 3) or down (c >= 3) over the whole picture (plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(classes) * per_class, 3, 8, 8, generator=g) * 0.3
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    for i, c in enumerate(labels.tolist()):
+        x[i, c % 3] += 1.5 if c < 3 else -1.5
+    return cl.Examples(x, labels)
+
+
+@pytest.mark.parametrize("spec,targets", [(ak.LoRA(r=4, alpha=8), ["point"]),
+                                          (ak.methods.SeqConvBottleneck(reduction_factor=2), ["bn"])])
+@pytest.mark.parametrize("name", ["lae", "mos"])
+def test_image_streams_learn_with_conv_adapters_and_keep_batchnorm_frozen(name, spec, targets):
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    stats = model.bn.running_mean.clone()
+    learner = cl.Learner(cl.ImageBackbone(model, 16), spec, targets,
+                         cl.ContinualConfig(epochs=4, lr=2e-2, batch_size=8))
+    tasks = [cl.Task(f"t{i}", pictures(list(g), 16, i), pictures(list(g), 8, 50 + i))
+             for i, g in enumerate(((0, 1), (2, 3), (4, 5)))]
+    result = cl.run_stream(make(name), learner, cl.Stream(tasks))
+    main = result.matrices[next(iter(result.matrices))]
+    assert main[0][0] > 80.0 and cl.final_average(main) > 25.0, main  # chance: 16.7
+    assert torch.equal(model.bn.running_mean, stats)  # BatchNorm's statistics were never updated
+
+
+def test_ear_grows_for_classes_no_adaptor_knows_and_reports_routing():
+    """Task b's classes 2/3 look exactly like a's 0/1 (offset -6: the same tokens): the detector cannot see them as
+    new; grow="auto" grows for them anyway (the labels say so), grow="detector" does not."""
+
+    def look_alike(b: cl.TextBackbone) -> cl.Stream:
+        return cl.Stream([cl.Task("a", examples(b, [0, 1], 16, 0), examples(b, [0, 1], 8, 1)),
+                          cl.Task("b", examples(b, [2, 3], 16, 2, offset=-6), examples(b, [2, 3], 8, 3, offset=-6))])
+
+    learner = learner_for(tiny_encoder(), epochs=1)
+    result = cl.run_stream(cl.EAR(dims=1024), learner, look_alike(learner.backbone))
+    assert [e["grew"] for e in result.events] == [True, True]
+    assert result.events[1]["detector_shift"] is False and result.events[1]["grew_for"] == "new classes"
+    assert all(0.0 <= e["routing_accuracy"] <= 100.0 for e in result.events)
+    strict = cl.EAR(dims=1024, grow="detector")
+    other = learner_for(tiny_encoder(), epochs=1)
+    cl.run_stream(strict, other, look_alike(other.backbone))
+    assert [e["grew"] for e in strict.events] == [True, False] and len(strict.heads) == 1
+    assert strict.heads[0].classes == [0, 1, 2, 3]  # the one adaptor learnt the new classes too
+    with pytest.raises(ValueError, match="grow='always'"):
+        cl.EAR(grow="always")

@@ -11,8 +11,11 @@ the adaptor whose memory it matches best and classified by it. Nothing of the st
   the sum of its training examples' ``h``; an adaptor's score of x is ``max_c cos(h(x), H_c)`` over its classes;
   x is in distribution for the adaptor if the score reaches the adaptor's threshold, the ``quantile`` of its own
   training examples' scores. A task shifts the stream when at least ``shift_fraction`` of its training examples
-  are in distribution for no adaptor. Each decision is recorded in ``events`` with the detector's AUROC (the new
-  task's test examples against the earlier tasks' test examples; evaluation only, no decision reads it).
+  are in distribution for no adaptor. With ``grow="auto"`` a task whose labels include classes no adaptor knows
+  grows one too (a class-incremental stream says so itself; the detector misses new classes of the same domain,
+  e.g. new TREC question types); ``grow="detector"`` leaves it to the detector alone. Each decision is recorded
+  in ``events`` with the detector's AUROC (the new task's test examples against the earlier tasks' test examples)
+  and the routing accuracy (evaluation only, no decision reads them).
 - Growth: with several ``candidates`` (adapter specs), each is scored on one batch by the gradient norm of the
   loss per square root of its parameter count (the "grad_norm" zero-cost proxy, normalised so size alone does not
   win); the best is grown.
@@ -59,10 +62,13 @@ class EAR(ContinualMethod):
     variants = ("routed",)
 
     def __init__(self, candidates: Sequence[AdapterSpec] | None = None, dims: int = 4096, quantile: float = 0.05,
-                 shift_fraction: float = 0.5, seed: int = 0) -> None:
+                 shift_fraction: float = 0.5, grow: str = "auto", seed: int = 0) -> None:
         if not 0.0 < shift_fraction <= 1.0 or not 0.0 <= quantile < 1.0:
             raise ValueError(f"EAR: shift_fraction={shift_fraction} must be in (0, 1], quantile={quantile} in [0, 1)")
-        self.candidates = list(candidates or [])
+        if grow not in ("auto", "detector"):
+            raise ValueError(f"EAR: grow={grow!r}: use 'auto' (the detector, or classes no adaptor knows) or "
+                             "'detector'")
+        self.candidates, self.grow = list(candidates or []), grow
         self.dims, self.quantile, self.shift_fraction, self.seed = dims, quantile, shift_fraction, seed
         self.center: Tensor | None = None
         self.memory: list[dict[int, Tensor]] = []  # per adaptor: class -> hypervector sum
@@ -103,7 +109,10 @@ class EAR(ContinualMethod):
             inside = self._scores(self._encode(learner.map_features(earlier, None))).amax(0)
             outside = self._scores(self._encode(learner.map_features(task.test, None))).amax(0)
             event["auroc"] = round(auroc(inside, outside), 4)
-            shifted = event["ood_fraction"] >= self.shift_fraction
+            event["detector_shift"] = shifted = event["ood_fraction"] >= self.shift_fraction
+            unknown = set(task.classes) - {c for memory in self.memory for c in memory}
+            if self.grow == "auto" and unknown and not shifted:  # the labels say what the detector missed
+                shifted, event["grew_for"] = True, "new classes"
         else:
             shifted = True
         if shifted:
@@ -124,7 +133,17 @@ class EAR(ContinualMethod):
             self.memory[k][c] = self.memory[k].get(c, torch.zeros(self.dims)) + rows
         own = self._scores(codes)[k]
         self.thresholds[k] = min(self.thresholds[k], float(torch.quantile(own, self.quantile)))
+        event["routing_accuracy"] = round(self._routing_accuracy(learner, stream, t), 2)
         self.events.append(event)
+
+    @torch.no_grad()
+    def _routing_accuracy(self, learner: Learner, stream: Stream, t: int) -> float:
+        """Percent of the test examples of tasks 0..t routed to an adaptor that knows their class (a report; no
+        decision reads it)."""
+        seen = Examples.join([stream[j].test for j in range(t + 1)])
+        routes = self._scores(self._encode(learner.map_features(seen, None))).argmax(0)
+        right = [int(label) in self.memory[int(k)] for k, label in zip(routes, seen.labels)]
+        return 100.0 * sum(right) / len(right)
 
     def _loss(self, learner: Learner, name: str, head: ClassHead, batch: Any, labels: Tensor) -> Tensor:
         return F.cross_entropy(head(learner.features(batch, name)), head.columns(labels))
