@@ -41,6 +41,7 @@ from adapterkit.train.continual.learner import (
     ContinualMethod,
     Learner,
     head_from_state,
+    head_size,
     head_state,
     scores_in,
 )
@@ -215,8 +216,8 @@ class EAR(ContinualMethod):
         self.events = list(meta["events"])
 
     def trainable_params(self, learner: Learner) -> int:
-        heads = sum(h.weight.numel() + h.bias.numel() for h in self.heads)
-        return sum(p.numel() for k in range(len(self.heads)) for p in learner.params(adaptor(k))) + heads
+        adaptors = sum(p.numel() for k in range(len(self.heads)) for p in learner.params(adaptor(k)))
+        return adaptors + head_size(*self.heads)
 
     def memory_bytes(self) -> int:
         """Hypervectors (int16 would hold them) and the centre; the projection is regenerated from its seed."""

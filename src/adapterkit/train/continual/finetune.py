@@ -18,6 +18,7 @@ from adapterkit.train.continual.learner import (
     ContinualMethod,
     Learner,
     head_from_state,
+    head_size,
     head_state,
     scores_in,
 )
@@ -67,8 +68,7 @@ class FineTune(ContinualMethod):
         self.head = head_from_state("head", learner.backbone.dim, tensors, meta["head"])
 
     def trainable_params(self, learner: Learner) -> int:
-        head = 0 if self.head is None else self.head.weight.numel() + self.head.bias.numel()
-        return super().trainable_params(learner) + head
+        return super().trainable_params(learner) + head_size(self.head)
 
 
 class Joint(FineTune):

@@ -30,7 +30,9 @@ from adapterkit.train.continual.learner import (
     ClassHead,
     ContinualMethod,
     Learner,
+    current_columns,
     head_from_state,
+    head_size,
     head_state,
     scores_in,
 )
@@ -58,9 +60,7 @@ class LAE(ContinualMethod):
         assert self.head is not None
         head = self.head
         head.grow(stream.classes_up_to(t))
-        current = head.columns(torch.tensor(stream[t].classes))
-        remap = torch.full((max(head.classes) + 1,), -1, dtype=torch.long)
-        remap[torch.tensor(stream[t].classes)] = torch.arange(len(current))
+        current, remap = current_columns(head, stream[t].classes)
 
         def loss(batch: Any, labels: Tensor) -> Tensor:
             logits = head(learner.features(batch, ONLINE))[:, current]
@@ -101,5 +101,4 @@ class LAE(ContinualMethod):
         self.head = head_from_state("head", learner.backbone.dim, tensors, meta["head"])
 
     def trainable_params(self, learner: Learner) -> int:
-        head = 0 if self.head is None else self.head.weight.numel() + self.head.bias.numel()
-        return sum(p.numel() for p in learner.params(ONLINE)) + head
+        return sum(p.numel() for p in learner.params(ONLINE)) + head_size(self.head)

@@ -274,6 +274,19 @@ def head_from_state(prefix: str, dim: int, tensors: dict[str, Tensor], meta: dic
                                       "bias": tensors[f"{prefix}.bias"]})
 
 
+def current_columns(head: ClassHead, classes: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The head's columns of ``classes`` (a task's), and a map global class id -> position among them: what a loss
+    over the current task's classes only needs (LAE, MOS)."""
+    columns = head.columns(torch.tensor(list(classes)))
+    position = torch.full((max(head.classes) + 1,), -1, dtype=torch.long)
+    position[torch.tensor(list(classes))] = torch.arange(len(columns))
+    return columns, position
+
+
+def head_size(*heads: ClassHead | None) -> int:
+    return sum(h.weight.numel() + h.bias.numel() for h in heads if h is not None)
+
+
 def scores_in(head: ClassHead, logits: Tensor, columns: list[int], fill: float = float("-inf")) -> Tensor:
     """A head's logits placed into the ``columns`` order (classes the head lacks get ``fill``)."""
     out = logits.new_full((logits.shape[0], len(columns)), fill)

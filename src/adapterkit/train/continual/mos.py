@@ -33,7 +33,9 @@ from adapterkit.train.continual.learner import (
     ClassHead,
     ContinualMethod,
     Learner,
+    current_columns,
     head_from_state,
+    head_size,
     head_state,
     scores_in,
 )
@@ -72,9 +74,7 @@ class MOS(ContinualMethod):
         assert self.head is not None
         head = self.head
         head.grow(stream.classes_up_to(t))
-        current = head.columns(torch.tensor(task.classes))
-        remap = torch.full((max(head.classes) + 1,), -1, dtype=torch.long)
-        remap[torch.tensor(task.classes)] = torch.arange(len(current))
+        current, remap = current_columns(head, task.classes)
         old_means = torch.stack(list(self.means.values())) if self.means else None
 
         def loss(batch: Any, labels: Tensor) -> Tensor:
@@ -180,8 +180,7 @@ class MOS(ContinualMethod):
         self.tasks = int(meta["tasks"])
 
     def trainable_params(self, learner: Learner) -> int:
-        head = 0 if self.head is None else self.head.weight.numel() + self.head.bias.numel()
-        return sum(p.numel() for p in learner.params(CURRENT)) + head
+        return sum(p.numel() for p in learner.params(CURRENT)) + head_size(self.head)
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.means, self.covs, self.prototypes) for t in d.values())
