@@ -1,5 +1,5 @@
 """`adapterkit` command line: train, eval, inspect, merge, export, import, convert, combine, explain, methods,
-serve, plot-routing."""
+serve, plot-routing, continual."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 
 from adapterkit.cli.arith_commands import add_parsers as add_arith_parsers
+from adapterkit.cli.continual_command import add_parser as add_continual_parser
 from adapterkit.cli.serve_args import add_parser as add_serve_parser
 from adapterkit.core.errors import AdapterKitError
 
@@ -33,7 +34,8 @@ EPILOG = """examples:
   adapterkit combine runs/a runs/b --how ties --weights 0.5,0.5 --density 0.5 --out ab/   # one adapter of two
   adapterkit explain --method lora --targets query,value
   adapterkit serve --model DIR --adapters runs/ --port 8000   # HTTP server, many adapters batched together
-  adapterkit plot-routing --adapter poly/ skills/* --block block.json --out routing.png"""
+  adapterkit plot-routing --adapter poly/ skills/* --block block.json --out routing.png
+  adapterkit continual --data trec.tsv --test test.tsv --tasks DESC,ENTY/ABBR,HUM --strategy lae   # task after task"""
 
 
 # command -> (module of adapterkit.cli, function): imported only when run, so `--help` loads no torch
@@ -42,7 +44,8 @@ COMMANDS = {"train": ("commands", "cmd_train"), "eval": ("commands", "cmd_eval")
             "export": ("commands", "cmd_export"), "import": ("commands", "cmd_import_"),
             "explain": ("commands", "cmd_explain"), "methods": ("commands", "cmd_methods"),
             "serve": ("serve_command", "cmd_serve"), "plot-routing": ("plot_routing", "cmd_plot_routing"),
-            "convert": ("arith_commands", "cmd_convert"), "combine": ("arith_commands", "cmd_combine")}
+            "convert": ("arith_commands", "cmd_convert"), "combine": ("arith_commands", "cmd_combine"),
+            "continual": ("continual_command", "cmd_continual")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the registered methods and their parameters")
     add_serve_parser(sub)
+    add_continual_parser(sub, _model_args, _method_args)
 
     plot = sub.add_parser("plot-routing", help="PNG heat map of a composition block's routing weights",
                           description="Load a base model and saved adapters/combiners, and draw the routing "
