@@ -125,11 +125,14 @@ class MOS(ContinualMethod):
 
     def _align(self, head: ClassHead) -> None:
         """Re-train the head on features drawn from every seen class's Gaussian (classifier alignment)."""
-        draws = {c: torch.distributions.MultivariateNormal(self.means[c], self.covs[c]) for c in head.classes}
+        # x = mu + L z with L L^T = Sigma: one matmul per class (torch's MultivariateNormal.sample broadcasts L over
+        # the samples, ~100x slower at 1,280 features)
+        factors = {c: torch.linalg.cholesky(self.covs[c].double()).float() for c in head.classes}
         optimizer = torch.optim.Adam(head.parameters(), lr=self.align_lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, self.align_epochs))
+        dim = head.dim
         for _ in range(self.align_epochs):
-            x = torch.cat([draws[c].sample((self.align_samples,)) for c in head.classes])
+            x = torch.cat([self.means[c] + torch.randn(self.align_samples, dim) @ factors[c].T for c in head.classes])
             y = torch.arange(len(head.classes)).repeat_interleave(self.align_samples)
             order = torch.randperm(len(y))
             for start in range(0, len(y), 256):
