@@ -6,8 +6,10 @@ shifted; on a shift a new adaptor (an adapter plus its own head) is grown, chose
 zero-cost proxy; otherwise the adaptor the data is routed to keeps learning. At inference each example is routed to
 the adaptor whose memory it matches best and classified by it. Nothing of the stream's examples is stored.
 
-- Detector (hyperdimensional computing): ``h(x) = sign(P (f(x) - mu))`` with a fixed random bipolar projection
-  ``P`` (``dims`` x feature size, from ``seed``) and ``mu`` the first task's mean feature; a class hypervector is
+- Detector (hyperdimensional computing): ``h(x) = sign(P f(x))`` with a fixed random bipolar projection ``P``
+  (``dims`` x feature size, from ``seed``) of the frozen encoder's features (not centred: centring on the first
+  task's mean made a two-class task's class vectors antipodal, so anything far away matched one of them; measured
+  on TREC -> AG News, AUROC 0.55 centred vs 0.98 not); a class hypervector is
   the sum of its training examples' ``h``; an adaptor's score of x is ``max_c cos(h(x), H_c)`` over its classes;
   x is in distribution for the adaptor if the score reaches the adaptor's threshold, the ``quantile`` of its own
   training examples' scores. A task shifts the stream when at least ``shift_fraction`` of its training examples
@@ -71,7 +73,6 @@ class EAR(ContinualMethod):
                              "'detector'")
         self.candidates, self.grow = list(candidates or []), grow
         self.dims, self.quantile, self.shift_fraction, self.seed = dims, quantile, shift_fraction, seed
-        self.center: Tensor | None = None
         self.memory: list[dict[int, Tensor]] = []  # per adaptor: class -> hypervector sum
         self.thresholds: list[float] = []
         self.heads: list[ClassHead] = []
@@ -83,8 +84,7 @@ class EAR(ContinualMethod):
         return torch.randint(0, 2, (self.dims, dim), generator=g).float() * 2 - 1
 
     def _encode(self, features: Tensor) -> Tensor:
-        assert self.center is not None
-        return torch.sign((features - self.center) @ self._projection(features.shape[1]).T)
+        return torch.sign(features @ self._projection(features.shape[1]).T)
 
     def _scores(self, codes: Tensor) -> Tensor:
         """(adaptors, N): each adaptor's best class similarity."""
@@ -98,8 +98,6 @@ class EAR(ContinualMethod):
     def learn(self, learner: Learner, stream: Stream, t: int) -> None:
         task = stream[t]
         base = learner.map_features(task.train, None)
-        if self.center is None:
-            self.center = base.mean(0)
         codes = self._encode(base)
         event: dict[str, Any] = {"task": task.name}
         if self.memory:
@@ -196,7 +194,7 @@ class EAR(ContinualMethod):
 
     # ---- state -----------------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        tensors: dict[str, Tensor] = {} if self.center is None else {"center": self.center}
+        tensors: dict[str, Tensor] = {}
         heads = []
         for k, head in enumerate(self.heads):
             part, meta = head_state(f"head{k}", head)
@@ -208,7 +206,6 @@ class EAR(ContinualMethod):
         return tensors, {"heads": heads, "classes": classes, "thresholds": self.thresholds, "events": self.events}
 
     def load_state(self, learner: Learner, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.center = tensors.get("center")
         dim = learner.backbone.dim
         self.heads = [head_from_state(f"head{k}", dim, tensors, m) for k, m in enumerate(meta["heads"])]
         self.memory = [{c: tensors[f"memory{k}.{c}"] for c in cs} for k, cs in enumerate(meta["classes"])]
@@ -220,7 +217,6 @@ class EAR(ContinualMethod):
         return adaptors + head_size(*self.heads)
 
     def memory_bytes(self) -> int:
-        """Hypervectors (int16 would hold them) and the centre; the projection is regenerated from its seed."""
-        vectors = sum(len(m) for m in self.memory) * self.dims * 2
-        return vectors + (0 if self.center is None else self.center.numel() * 4)
+        """Hypervectors (int16 would hold them); the projection is regenerated from its seed."""
+        return sum(len(m) for m in self.memory) * self.dims * 2
 
