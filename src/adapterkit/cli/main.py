@@ -1,5 +1,5 @@
 """`adapterkit` command line: train, eval, inspect, merge, export, import, convert, combine, explain, methods,
-serve, plot-routing, continual."""
+serve, plot-routing, continual, transfer."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from adapterkit.cli.arith_commands import add_parsers as add_arith_parsers
 from adapterkit.cli.continual_command import add_parser as add_continual_parser
 from adapterkit.cli.serve_args import add_parser as add_serve_parser
+from adapterkit.cli.transfer_command import add_parser as add_transfer_parser
 from adapterkit.core.errors import AdapterKitError
 
 DESCRIPTION = """Attach small adapters to a frozen pretrained model, train, inspect and merge them.
@@ -45,7 +46,7 @@ COMMANDS = {"train": ("commands", "cmd_train"), "eval": ("commands", "cmd_eval")
             "explain": ("commands", "cmd_explain"), "methods": ("commands", "cmd_methods"),
             "serve": ("serve_command", "cmd_serve"), "plot-routing": ("plot_routing", "cmd_plot_routing"),
             "convert": ("arith_commands", "cmd_convert"), "combine": ("arith_commands", "cmd_combine"),
-            "continual": ("continual_command", "cmd_continual")}
+            "continual": ("continual_command", "cmd_continual"), "transfer": ("transfer_command", "cmd_transfer")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the registered methods and their parameters")
     add_serve_parser(sub)
     add_continual_parser(sub, _model_args, _method_args)
+    add_transfer_parser(sub, _method_args)
 
     plot = sub.add_parser("plot-routing", help="PNG heat map of a composition block's routing weights",
                           description="Load a base model and saved adapters/combiners, and draw the routing "
