@@ -97,6 +97,7 @@ def run(folders, state, **changes):
 def test_clean_and_synthetic_prompts_follow_the_rules(folders):
     assert clean("\n  - \"a fine  film\"\nsecond line") == "a fine film"
     assert clean("   \n") == ""
+    assert clean("Here is a new example:\n\n- it was fine") == "it was fine"
     model, tok = load(folders[1])
     config = SynthConfig(describe="here are some examples", max_new_tokens=12, min_words=3, max_words=8)
     made = synthesize(model, tok, SEEDS, 20, config, seed=0)

@@ -1,8 +1,8 @@
 """Synthetic task prompts written by a model from a few seed examples (Trans-LoRA's data-free step).
 
 Each request shows the model ``shown`` seed examples (a seeded draw, in a seeded order) as a bulleted list in one
-user turn and asks for one more; the answer is sampled (temperature, nucleus), its first non-empty line kept with
-bullets and quotes stripped. An answer is dropped when it is shorter than ``min_words`` or longer than
+user turn and asks for one more; the answer is sampled (temperature, nucleus), its first non-empty line that is not a
+preamble kept, bullets and quotes stripped. An answer is dropped when it is shorter than ``min_words`` or longer than
 ``max_words`` words, repeats a seed, or repeats an earlier answer (compared case- and whitespace-insensitively).
 Requests are batched (left-padded) and drawn in rounds until ``count`` prompts are kept or ``max_rounds`` rounds
 are spent; the torch sampler is seeded per round, so the same seed gives the same prompts.
@@ -67,10 +67,11 @@ def request(seeds: list[str], config: SynthConfig, rng: random.Random) -> list[d
 
 
 def clean(answer: str) -> str:
-    """The answer's first non-empty line, bullets and quotes stripped, whitespace collapsed."""
+    """The answer's first non-empty line that is not a preamble (a line ending in ':', as in "Here is a new
+    example:"), bullets and quotes stripped, whitespace collapsed."""
     for line in answer.splitlines():
         text = " ".join(line.strip(BULLETS).split())
-        if text:
+        if text and not text.endswith(":"):
             return text
     return ""
 
