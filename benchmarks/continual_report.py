@@ -55,11 +55,18 @@ def _matrices(part: str, runs: dict[str, list[dict[str, Any]]]) -> None:
     plt.close(fig)
 
 
+def _decision(event: dict[str, Any]) -> str:
+    if not event["grew"]:
+        return f"kept adaptor {event['adaptor']}"
+    why = "first task" if "auroc" not in event else event.get("grew_for", "detector")
+    return f"grew adaptor {event['adaptor']} ({why}; {event.get('spec', '')})"
+
+
 def report(path: Path) -> None:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     parts: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        parts[r["part"]][r["method"]].append(r)
+        parts[r["part"]][r["key"].split("/")[1]].append(r)  # the run's name ("lae+prefix"), not the method's
     for part, runs in parts.items():
         for name in runs:
             runs[name].sort(key=lambda r: r["seed"])
@@ -76,15 +83,17 @@ def report(path: Path) -> None:
                 memory = f"{rs[0]['memory_bytes'] / 1024:.0f} KiB" if k == 0 and rs[0]["memory_bytes"] else ""
                 cost = [f"{rs[0]['trainable_params']:,}", memory, str(rs[0]["adapters_stored"]),
                         " / ".join(f"{r['seconds']:.0f}" for r in rs)] if k == 0 else ["", "", "", ""]
-                print(f"| {label} | {variant} | {_cells(rs, variant, 'final')} | "
+                print(f"| {label} | {'-' if variant == 'default' else variant} | {_cells(rs, variant, 'final')} | "
                       f"{_cells(rs, variant, 'average_incremental')} | {_cells(rs, variant, 'forgetting')} | "
                       f"{' | '.join(cost)} |")
         if "ear" in runs:
-            print("\nEAR's decisions per task (seed: grew? ood fraction / AUROC):\n")
+            print("\nEAR's decisions per task (what grew an adaptor; the detector's out-of-distribution fraction of "
+                  "the task's training rows and its AUROC, new task vs earlier tasks' test rows; routing accuracy "
+                  "over the tasks seen; the zero-cost proxy's choice: candidate 0 = LoRA r=4, 1 = LoRA r=8):\n")
             for r in runs["ear"]:
-                steps = [f"{e['task']}: {'grew' if e['grew'] else 'kept'} adaptor {e['adaptor']}"
+                steps = [f"{e['task']}: {_decision(e)}"
                          + (f" (ood {e['ood_fraction']:.2f}, AUROC {e['auroc']:.3f})" if "auroc" in e else "")
-                         + (f", {e['spec']}" if "spec" in e else "") for e in r["events"]]
+                         + f", routing {e['routing_accuracy']:.0f}%" for e in r["events"]]
                 print(f"- seed {r['seed']}: " + "; ".join(steps))
         curves = {}
         for name in [m for m in ORDER if m in runs]:

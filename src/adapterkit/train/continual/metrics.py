@@ -87,6 +87,8 @@ def plot_curves(results: dict[str, Any], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, matrix in results.items():
         ax.plot(range(1, len(matrix) + 1), [sum(r) / len(r) for r in matrix], marker="o", label=label)
+    longest = max((len(m) for m in results.values()), default=1)
+    ax.set_xticks(range(1, longest + 1))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("mean accuracy on tasks seen %")
     ax.set_ylim(0, 100)
