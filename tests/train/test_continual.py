@@ -284,3 +284,13 @@ def test_ear_grows_for_classes_no_adaptor_knows_and_reports_routing():
     assert strict.heads[0].classes == [0, 1, 2, 3]  # the one adaptor learnt the new classes too
     with pytest.raises(ValueError, match="grow='always'"):
         cl.EAR(grow="always")
+
+
+def test_resume_refuses_a_stream_with_the_same_labels_but_other_inputs(tmp_path):
+    first = learner_for(tiny_encoder())
+    b = first.backbone
+    saved = cl.Stream([cl.Task("a", examples(b, [0, 1], 8, 0), examples(b, [0, 1], 4, 1))])
+    cl.run_stream(make("finetune"), first, saved, out=tmp_path)
+    other = cl.Stream([cl.Task("a", examples(b, [0, 1], 8, 7), examples(b, [0, 1], 4, 1))])  # other texts, same labels
+    with pytest.raises(cl.StreamError, match="uses a different stream"):
+        cl.run_stream(make("finetune"), learner_for(tiny_encoder()), other, out=tmp_path, resume=True)

@@ -8,6 +8,7 @@ class ids throughout; the learner's heads map them to columns.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -125,12 +126,16 @@ class Stream:
         return found
 
     def digest(self) -> str:
-        """Names, setting and labels of every task: a resumed run checks it is continuing the same stream."""
+        """Names, setting, inputs and labels of every task: a resumed run checks it is continuing the same stream."""
         h = hashlib.sha256(self.setting.encode())
         for task in self.tasks:
             h.update(task.name.encode())
-            h.update(task.train.labels.numpy().tobytes())
-            h.update(task.test.labels.numpy().tobytes())
+            for part in (task.train, task.test):
+                h.update(part.labels.numpy().tobytes())
+                if isinstance(part.inputs, Tensor):
+                    h.update(part.inputs.detach().cpu().contiguous().numpy().tobytes())
+                else:
+                    h.update(json.dumps(part.inputs).encode())
         return h.hexdigest()[:16]
 
     @classmethod
