@@ -6,7 +6,7 @@ reads the tree the same way and none of them needs another to find a host.
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from adapterkit.core.errors import NameInUseError
 from adapterkit.core.host import Host, host_of
@@ -39,4 +39,17 @@ def placements(model: nn.Module, name: str, held: list[tuple[str, nn.Module, Hos
     found = [(p, m, h) for p, m, h in held if name in h._modules]
     if not found:
         raise NameInUseError(f"no adapter named {name!r} on this model (attached: {names_in(held) or 'none'})")
+    return found
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """Adapter ``name``'s parameters and buffers (the live tensors, not copies), keyed ``"<path>/<key>"`` by
+    placement; a tensor shared by several placements (a rule stored once) appears once."""
+    found: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for path, _, host in placements(model, name):
+        for key, value in host.adapter(name).state_dict(keep_vars=True).items():
+            if id(value) not in seen:
+                seen.add(id(value))
+                found[f"{path}/{key}"] = value
     return found

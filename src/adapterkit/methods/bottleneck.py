@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,19 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 INITS = ("zero_up", "bert", "houlsby")
 
 
+def check_bottleneck_fields(spec: AdapterSpec, inits: tuple[str, ...]) -> None:
+    """One-line errors for the fields every bottleneck spec has (reduction_factor, hidden, activation, scaling,
+    init among ``inits``): the Linear bottlenecks here and the convolutional ones share them."""
+    s: Any = spec
+    require(s.reduction_factor > 0, f"{s.method}: reduction_factor must be > 0, got {s.reduction_factor}")
+    require(s.hidden is None or (isinstance(s.hidden, int) and s.hidden > 0),
+            f"{s.method}: hidden must be a positive integer, got {s.hidden!r}")
+    require(s.activation in ACTIVATIONS,
+            f"{s.method}: activation must be one of {sorted(ACTIVATIONS)}, got {s.activation!r}")
+    require(s.scaling > 0, f"{s.method}: scaling must be > 0, got {s.scaling}")
+    require(s.init in inits, f"{s.method}: init must be one of {inits}, got {s.init!r}")
+
+
 @dataclass(frozen=True)
 class _BottleneckSpec(AdapterSpec):
     reduction_factor: float = 16.0  # hidden size = model size / reduction_factor
@@ -50,13 +64,7 @@ class _BottleneckSpec(AdapterSpec):
     scaling: float = 1.0  # s, the output scale
 
     def __post_init__(self) -> None:
-        require(self.reduction_factor > 0, f"{self.method}: reduction_factor must be > 0, got {self.reduction_factor}")
-        require(self.hidden is None or (isinstance(self.hidden, int) and self.hidden > 0),
-                f"{self.method}: hidden must be a positive integer, got {self.hidden!r}")
-        require(self.activation in ACTIVATIONS,
-                f"{self.method}: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        require(self.scaling > 0, f"{self.method}: scaling must be > 0, got {self.scaling}")
-        require(self.init in INITS, f"{self.method}: init must be one of {INITS}, got {self.init!r}")
+        check_bottleneck_fields(self, INITS)
 
     @property
     def starts_as_identity(self) -> bool:

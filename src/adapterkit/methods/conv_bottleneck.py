@@ -33,8 +33,8 @@ from adapterkit.core.layers import tensor
 from adapterkit.core.precision import as_compute, master_dtype
 from adapterkit.core.protocol import Site
 from adapterkit.core.registry import register
-from adapterkit.core.spec import AdapterSpec, require
-from adapterkit.methods.bottleneck import ACTIVATIONS, OnOutput
+from adapterkit.core.spec import AdapterSpec
+from adapterkit.methods.bottleneck import ACTIVATIONS, OnOutput, check_bottleneck_fields
 
 INITS = ("zero_up", "normal")
 
@@ -58,13 +58,7 @@ class _ConvBottleneckSpec(AdapterSpec):
     scaling: float = 1.0  # s, the output scale
 
     def __post_init__(self) -> None:
-        require(self.reduction_factor > 0, f"{self.method}: reduction_factor must be > 0, got {self.reduction_factor}")
-        require(self.hidden is None or (isinstance(self.hidden, int) and self.hidden > 0),
-                f"{self.method}: hidden must be a positive integer, got {self.hidden!r}")
-        require(self.activation in ACTIVATIONS,
-                f"{self.method}: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        require(self.scaling > 0, f"{self.method}: scaling must be > 0, got {self.scaling}")
-        require(self.init in INITS, f"{self.method}: init must be one of {INITS}, got {self.init!r}")
+        check_bottleneck_fields(self, INITS)
 
     @property
     def starts_as_identity(self) -> bool:

@@ -149,8 +149,10 @@ def dev_loss(model: nn.Module, data: Tokenized, batch_size: int, pad_id: int) ->
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of token prompts (left-padded into one batch), decoded without special tokens."""
+def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+             temperature: float | None = None, top_p: float | None = None) -> list[str]:
+    """Continuations of token prompts (left-padded into one batch), decoded without special tokens: greedy, or
+    sampled at ``temperature`` (nucleus ``top_p``) when one is given."""
     if not prompts:
         return []
     was_training = model.training
@@ -160,8 +162,10 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[list[int]], max_new
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     lm: Any = model  # a transformers model: generate() is not on nn.Module
-    out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                      temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    sampled = temperature is not None
+    out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sampled,
+                      temperature=temperature, top_p=top_p if sampled else None, top_k=0 if sampled else None,
+                      pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     model.train(was_training)
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 

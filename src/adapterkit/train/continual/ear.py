@@ -77,11 +77,15 @@ class EAR(ContinualMethod):
         self.thresholds: list[float] = []
         self.heads: list[ClassHead] = []
         self.events: list[dict[str, Any]] = []
+        self._drawn: Tensor | None = None  # the projection, regenerated from the seed (not saved)
 
     # ---- the detector ----------------------------------------------------------------------------------------
     def _projection(self, dim: int) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed)
-        return torch.randint(0, 2, (self.dims, dim), generator=g).float() * 2 - 1
+        """P, drawn from ``seed`` once and kept (every batch the detector scores reads it)."""
+        if self._drawn is None or self._drawn.shape[1] != dim:
+            g = torch.Generator().manual_seed(self.seed)
+            self._drawn = torch.randint(0, 2, (self.dims, dim), generator=g).float() * 2 - 1
+        return self._drawn
 
     def _encode(self, features: Tensor) -> Tensor:
         return torch.sign(features @ self._projection(features.shape[1]).T)

@@ -15,18 +15,16 @@ from torch import Tensor
 
 from adapterkit.train.continual.learner import (
     ClassHead,
-    ContinualMethod,
     Learner,
-    head_from_state,
-    head_size,
-    head_state,
+    OneHead,
     scores_in,
 )
 from adapterkit.train.continual.stream import Examples, Stream
 
 
-class FineTune(ContinualMethod):
+class FineTune(OneHead):
     name = "finetune"
+    trained = "adapter"
 
     def __init__(self) -> None:
         self.head: ClassHead | None = None
@@ -58,18 +56,6 @@ class FineTune(ContinualMethod):
     def predict(self, learner: Learner, batch: Any, columns: list[int], variant: str) -> Tensor:
         assert self.head is not None
         return scores_in(self.head, self.head(learner.features(batch, "adapter")), columns)
-
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        assert self.head is not None
-        tensors, meta = head_state("head", self.head)
-        return tensors, {"head": meta}
-
-    def load_state(self, learner: Learner, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.head = head_from_state("head", learner.backbone.dim, tensors, meta["head"])
-
-    def trainable_params(self, learner: Learner) -> int:
-        return super().trainable_params(learner) + head_size(self.head)
-
 
 class Joint(FineTune):
     """Retrains from scratch on tasks 0..t after each task t (``every_task=False``: only after the last one,

@@ -28,12 +28,9 @@ from torch import Tensor
 
 from adapterkit.train.continual.learner import (
     ClassHead,
-    ContinualMethod,
     Learner,
+    OneHead,
     current_columns,
-    head_from_state,
-    head_size,
-    head_state,
     scores_in,
 )
 from adapterkit.train.continual.stream import Stream
@@ -41,8 +38,9 @@ from adapterkit.train.continual.stream import Stream
 ONLINE, OFFLINE = "lae_online", "lae_offline"
 
 
-class LAE(ContinualMethod):
+class LAE(OneHead):
     name = "lae"
+    trained = ONLINE
     variants = ("ensemble", "online", "offline")
 
     def __init__(self, momentum: float = 0.999, freeze_epochs: int = 1) -> None:
@@ -91,14 +89,3 @@ class LAE(ContinualMethod):
         experts = tuple(e for e in experts if e in learner.placed) or (ONLINE,)  # task 0: no offline expert yet
         probs = [scores_in(self.head, self.head(learner.features(batch, e)), columns).softmax(-1) for e in experts]
         return torch.stack(probs).amax(0)
-
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        assert self.head is not None
-        tensors, meta = head_state("head", self.head)
-        return tensors, {"head": meta}
-
-    def load_state(self, learner: Learner, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.head = head_from_state("head", learner.backbone.dim, tensors, meta["head"])
-
-    def trainable_params(self, learner: Learner) -> int:
-        return sum(p.numel() for p in learner.params(ONLINE)) + head_size(self.head)

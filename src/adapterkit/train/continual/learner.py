@@ -5,7 +5,6 @@ how predictions are made; nothing here names one.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,11 +17,12 @@ from tqdm.auto import tqdm
 
 from adapterkit.core.registry import spec_from_dict
 from adapterkit.core.spec import AdapterSpec
-from adapterkit.core.tree import placements
+from adapterkit.core.tree import adapter_tensors
 from adapterkit.inject.engine import attach, attach_at, detach
 from adapterkit.inject.use import use
 from adapterkit.train.continual.backbone import Backbone
 from adapterkit.train.continual.stream import Examples, Stream
+from adapterkit.train.settings import constructor_settings
 
 
 @dataclass(frozen=True)
@@ -118,14 +118,7 @@ class Learner:
 
     def tensors(self, name: str) -> dict[str, Tensor]:
         """Adapter ``name``'s parameters and buffers, keyed by placement (shared ones once)."""
-        found: dict[str, Tensor] = {}
-        seen: set[int] = set()
-        for path, _, host in placements(self.backbone.model, name):
-            for key, value in host.adapter(name).state_dict(keep_vars=True).items():
-                if id(value) not in seen:
-                    seen.add(id(value))
-                    found[f"{path}/{key}"] = value
-        return found
+        return adapter_tensors(self.backbone.model, name)
 
     def params(self, name: str) -> list[nn.Parameter]:
         return [v for v in self.tensors(name).values() if isinstance(v, nn.Parameter)]
@@ -252,16 +245,26 @@ class ContinualMethod:
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments (a resumed stream must continue with the same settings)."""
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {name: _plain(getattr(self, name)) for name in names}
+        return constructor_settings(self)
 
 
-def _plain(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+class OneHead(ContinualMethod):
+    """A method with one growing head over every class seen and one adapter that trains (``trained``); the head is
+    its state, and the two are what it counts as trained (FineTune, Joint, LAE, MOS)."""
+
+    trained = ""
+    head: ClassHead | None = None
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        assert self.head is not None
+        tensors, meta = head_state("head", self.head)
+        return tensors, {"head": meta}
+
+    def load_state(self, learner: Learner, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        self.head = head_from_state("head", learner.backbone.dim, tensors, meta["head"])
+
+    def trainable_params(self, learner: Learner) -> int:
+        return sum(p.numel() for p in learner.params(self.trained)) + head_size(self.head)
 
 
 def head_state(prefix: str, head: ClassHead) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -31,12 +31,9 @@ from torch import Tensor
 
 from adapterkit.train.continual.learner import (
     ClassHead,
-    ContinualMethod,
     Learner,
+    OneHead,
     current_columns,
-    head_from_state,
-    head_size,
-    head_state,
     scores_in,
 )
 from adapterkit.train.continual.stream import Stream
@@ -48,8 +45,9 @@ def stored(t: int) -> str:
     return f"mos_task{t}"
 
 
-class MOS(ContinualMethod):
+class MOS(OneHead):
     name = "mos"
+    trained = CURRENT
     variants = ("refined", "last")
     settings = ("class",)
 
@@ -166,24 +164,19 @@ class MOS(ContinualMethod):
 
     # ---- state -----------------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        assert self.head is not None
-        tensors, head_meta = head_state("head", self.head)
+        tensors, meta = super().state()
         for c in self.means:
             tensors[f"mean.{c}"], tensors[f"cov.{c}"] = self.means[c], self.covs[c]
             tensors[f"prototype.{c}"] = self.prototypes[c]
-        return tensors, {"head": head_meta, "task_of": {str(c): t for c, t in self.task_of.items()},
-                         "tasks": self.tasks}
+        return tensors, {**meta, "task_of": {str(c): t for c, t in self.task_of.items()}, "tasks": self.tasks}
 
     def load_state(self, learner: Learner, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.head = head_from_state("head", learner.backbone.dim, tensors, meta["head"])
+        super().load_state(learner, tensors, meta)
         self.task_of = {int(c): t for c, t in meta["task_of"].items()}
         self.means = {c: tensors[f"mean.{c}"] for c in self.task_of}
         self.covs = {c: tensors[f"cov.{c}"] for c in self.task_of}
         self.prototypes = {c: tensors[f"prototype.{c}"] for c in self.task_of}
         self.tasks = int(meta["tasks"])
-
-    def trainable_params(self, learner: Learner) -> int:
-        return sum(p.numel() for p in learner.params(CURRENT)) + head_size(self.head)
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.means, self.covs, self.prototypes) for t in d.values())

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from adapterkit.core.errors import AdapterKitError
+from adapterkit.train.sft import generate
 from adapterkit.train.sft_data import prompt_ids
 
 BULLETS = "-*•>\"'`“”‘’ \t"
@@ -80,21 +81,9 @@ def _key(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-@torch.no_grad()
 def sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: SynthConfig) -> list[str]:
     """Sampled continuations of token prompts (left-padded into one batch), decoded without special tokens."""
-    was_training = model.training
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    lm: Any = model  # a transformers model: generate() is not on nn.Module
-    out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens, do_sample=True,
-                      temperature=config.temperature, top_p=config.top_p, top_k=0, pad_token_id=pad,
-                      eos_token_id=tokenizer.eos_token_id)
-    model.train(was_training)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    return generate(model, tokenizer, prompts, config.max_new_tokens, config.temperature, config.top_p)
 
 
 def synthesize(model: nn.Module, tokenizer: Any, seeds: list[str], count: int, config: SynthConfig,

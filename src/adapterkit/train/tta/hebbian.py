@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapterkit.core.spec import AdapterSpec
+from adapterkit.core.tree import adapter_tensors
 from adapterkit.inject.engine import attach, attach_at
 from adapterkit.inject.use import use
 from adapterkit.methods.conv_bottleneck import SeqConvBottleneck
@@ -41,7 +42,6 @@ from adapterkit.methods.lora import LoRA
 from adapterkit.train.continual.stream import StreamError
 from adapterkit.train.tta.method import (
     TTAMethod,
-    adapter_tensors,
     check_norm,
     entropy,
     forward,

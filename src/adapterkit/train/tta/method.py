@@ -8,7 +8,6 @@ for ``x``. Whether the prediction comes before or after the update is the method
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,9 +16,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapterkit.core.host import HOST_ATTR
-from adapterkit.core.tree import placements
 from adapterkit.inject.use import use
 from adapterkit.train.continual.stream import StreamError
+from adapterkit.train.settings import constructor_settings
 
 NORMS = ("batch", "source")  # BatchNorm statistics: the test batch's own (Tent, BN adaptation) or the stored ones
 ORDERS = ("predict_then_adapt", "adapt_then_predict")
@@ -49,8 +48,7 @@ class TTAMethod:
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments (a resumed stream must continue with the same settings)."""
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self",)]
-        return {name: _plain(getattr(self, name)) for name in names}
+        return constructor_settings(self)
 
 
 class Source(TTAMethod):
@@ -129,15 +127,6 @@ def entropy(logits: Tensor) -> Tensor:
 
 
 # ---- state -----------------------------------------------------------------------------------------------------
-def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """Adapter ``name``'s parameters and buffers keyed by placement (live tensors, not copies)."""
-    found: dict[str, Tensor] = {}
-    for path, _, host in placements(model, name):
-        for key, value in host.adapter(name).state_dict(keep_vars=True).items():
-            found[f"{path}/{key}"] = value
-    return found
-
-
 def snapshot(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in tensors.items()}
 
@@ -204,11 +193,3 @@ def symmetric_cross_entropy(student: Tensor, teacher: Tensor) -> Tensor:
     teacher = teacher.detach()
     return (-0.5 * (teacher.softmax(-1) * student.log_softmax(-1)).sum(-1)
             - 0.5 * (student.softmax(-1) * teacher.log_softmax(-1)).sum(-1))
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

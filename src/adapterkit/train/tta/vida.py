@@ -40,12 +40,12 @@ from torch import Tensor, nn
 
 from adapterkit.core.blocks import Average, Stack
 from adapterkit.core.spec import AdapterSpec
+from adapterkit.core.tree import adapter_tensors
 from adapterkit.inject.engine import attach, attach_at
 from adapterkit.methods.lora import LoRA
 from adapterkit.train.continual.stream import StreamError
 from adapterkit.train.tta.method import (
     TTAMethod,
-    adapter_tensors,
     check_norm,
     forward,
     freeze,
