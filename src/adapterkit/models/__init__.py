@@ -14,10 +14,10 @@ from typing import Any
 
 from adapterkit.core.errors import AdapterKitError
 from adapterkit.models.gguf_cache import BadModelFileError, cache_root, cached_folder
-from adapterkit.models.known import KNOWN, ModelNotFoundError, known_names, locate
+from adapterkit.models.known import CHAT_FALLBACKS, KNOWN, ModelNotFoundError, known_names, locate
 
-__all__ = ["BadModelFileError", "KNOWN", "ModelNotFoundError", "cache_root", "is_causal_lm", "known_names",
-           "load_pretrained", "resolve"]
+__all__ = ["BadModelFileError", "KNOWN", "ModelNotFoundError", "cache_root", "fallback_chat", "is_causal_lm",
+           "known_names", "load_pretrained", "resolve"]
 TASKS = ("auto", "causal-lm", "classify")
 
 
@@ -49,12 +49,33 @@ def is_causal_lm(folder: str | Path) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
+def fallback_chat(model: Any, tokenizer: Any) -> bool:
+    """Give a tokenizer without a chat template its model family's (known.CHAT_FALLBACKS, by the config's
+    ``model_type``) when its vocabulary holds the format's turn-end token as one token: the template is set, the
+    turn-end token becomes the end-of-sequence token (an answer ends with it, as the model ends its turn) and the
+    generation config stops at it and at the old end token. Whether a template was given."""
+    chat = CHAT_FALLBACKS.get(getattr(getattr(model, "config", None), "model_type", None) or "")
+    if chat is None or getattr(tokenizer, "chat_template", None):
+        return False
+    end = tokenizer.convert_tokens_to_ids(chat.turn_end)
+    if not isinstance(end, int) or end == tokenizer.unk_token_id:
+        return False  # a vocabulary without the turn tokens: the format cannot be written in it
+    old = tokenizer.eos_token_id
+    tokenizer.chat_template = chat.template
+    tokenizer.eos_token = chat.turn_end
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.eos_token_id = [end] + ([old] if old is not None and old != end else [])
+    return True
+
+
 def load_pretrained(name_or_path: str | Path, task: str = "auto", num_labels: int = 2, dtype: Any = None,
                     where: str = "--model") -> tuple[Any, Any]:
     """(model, tokenizer) for ``name_or_path``; ``task`` is "auto", "causal-lm" or "classify".
 
     The tokenizer always has a pad token (the end-of-sequence token where the model has none), and the model's
-    config and generation config name it. ``where`` names the value's origin in errors.
+    config and generation config name it. A tokenizer without a chat template gets its family's fallback where
+    known.py has one (``fallback_chat``). ``where`` names the value's origin in errors.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
@@ -81,6 +102,7 @@ def load_pretrained(name_or_path: str | Path, task: str = "auto", num_labels: in
             from None
     finally:
         logging.set_verbosity(verbosity)
+    fallback_chat(model, tokenizer)
     if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers ship without one
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

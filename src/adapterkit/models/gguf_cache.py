@@ -9,6 +9,13 @@ renamed into the cache when complete: a conversion killed half way leaves nothin
 folder's manifest holds the source file's sha256 (part of the folder's name, so a changed source converts anew) and
 every file's size and sha256, checked on each load: a damaged cache is a one-line error naming the folder to delete.
 
+transformers also reads a SentencePiece vocabulary of GGUF model "llama" as a Unigram model for Gemma files, with
+the file's scores as log-probabilities; but those scores are BPE merge ranks (minus the token id), so Unigram splits
+words into the shortest oldest pieces (Gemma-3's "the" into "t" + "he", "negative" into four pieces): text the model
+never saw. The converted tokenizer is rebuilt as the BPE it is (merges ranked by the merged piece's score, as
+SentencePiece and llama.cpp encode); a cache converted before this fix (manifest ``conversion`` < 2 with a Unigram
+tokenizer) is converted again.
+
 Cache: ``$ADAPTERKIT_CACHE`` if set, else ``$XDG_CACHE_HOME/adapterkit`` or ``~/.cache/adapterkit``; converted
 models live in its ``models/`` folder as ``<file stem>-<first 16 hex of the GGUF's sha256>``.
 """
@@ -31,6 +38,7 @@ from adapterkit.core.files import atomic_write, fsync_dir
 
 MANIFEST = "adapterkit-model.json"
 GGUF_MAGIC = b"GGUF"
+CONVERSION = 2  # 2: SentencePiece-BPE vocabularies rebuilt as BPE (see the module docstring)
 
 
 class BadModelFileError(AdapterKitError, ValueError):
@@ -71,9 +79,9 @@ def cached_folder(gguf: str | Path, root: Path | None = None) -> Path:
     digest = sha256_file(source)
     models = (root or cache_root()) / "models"
     folder = models / f"{source.stem}-{digest[:16]}"
-    if not (folder / MANIFEST).is_file():
+    if not (folder / MANIFEST).is_file() or _stale(folder):
         with _conversion_lock(models, folder.name):
-            if not (folder / MANIFEST).is_file():  # another process may have finished it while we waited
+            if not (folder / MANIFEST).is_file() or _stale(folder):  # another process may have finished it
                 _convert(source, digest, folder)
     verify(folder)
     return folder
@@ -93,6 +101,55 @@ def verify(folder: Path) -> dict[str, Any]:
             raise AdapterKitError(f"model cache {folder}: {name} is missing or damaged (size or sha256 differs "
                                   "from the manifest); delete the folder to convert again")
     return manifest
+
+
+def _stale(folder: Path) -> bool:
+    """Whether a finished folder predates a conversion fix that changes it (a Unigram-read SentencePiece BPE)."""
+    try:
+        if json.loads((folder / MANIFEST).read_text()).get("conversion", 1) >= CONVERSION:
+            return False
+        with open(folder / "tokenizer.json", encoding="utf-8") as handle:
+            return json.load(handle)["model"]["type"] == "Unigram"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # unreadable: verify() names the damage
+
+
+def spm_as_bpe(tokenizer_json: Path, source: Path) -> bool:
+    """Rewrite a saved tokenizer.json whose SentencePiece vocabulary (GGUF ``tokenizer.ggml.model`` "llama") was
+    read as Unigram into the BPE it is, from the GGUF's own pieces, scores and types: each piece's splits into two
+    pieces become merges ranked by the merged piece's score (highest first); control pieces (type 3) become special
+    added tokens and user-defined ones (type 4: newline and tab runs, ...) plain added tokens, matched whole in the
+    text as SentencePiece matches them. Whether it was rewritten."""
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    if data["model"].get("type") != "Unigram":
+        return False
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(source)).fields
+    if "tokenizer.ggml.model" not in fields or fields["tokenizer.ggml.model"].contents() != "llama":
+        return False
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    pieces = fields["tokenizer.ggml.tokens"].contents()
+    scores = fields["tokenizer.ggml.scores"].contents()
+    kinds = fields["tokenizer.ggml.token_type"].contents()
+    vocab: dict[str, int] = {}
+    for index, piece in enumerate(pieces):
+        vocab.setdefault(piece, index)
+    merges = generate_merges(vocab, {piece: float(scores[vocab[piece]]) for piece in vocab})
+    unk = fields["tokenizer.ggml.unknown_token_id"].contents() if "tokenizer.ggml.unknown_token_id" in fields \
+        else None
+    data["model"] = {"type": "BPE", "dropout": None, "unk_token": pieces[unk] if unk is not None else None,
+                     "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                     "byte_fallback": 6 in kinds, "ignore_merges": False, "vocab": vocab,
+                     "merges": [list(pair) for pair in merges]}
+    added = {token["id"] for token in data["added_tokens"]}
+    data["added_tokens"] += [{"id": index, "content": pieces[index], "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": kinds[index] == 3}
+                             for index in range(len(pieces)) if kinds[index] in (3, 4) and index not in added]
+    data["added_tokens"].sort(key=lambda token: token["id"])
+    atomic_write(tokenizer_json, json.dumps(data, ensure_ascii=False).encode())
+    return True
 
 
 @contextlib.contextmanager
@@ -119,9 +176,11 @@ def _convert(source: Path, digest: str, folder: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        rebuilt = spm_as_bpe(tmp / "tokenizer.json", source)
         files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())
                  if p.is_file()}
-        manifest = {"source": str(source), "source_sha256": digest, "files": files,
+        manifest = {"source": str(source), "source_sha256": digest, "conversion": CONVERSION,
+                    "tokenizer": "SentencePiece BPE rebuilt from scores" if rebuilt else "as read", "files": files,
                     "architecture": metadata.get("general.architecture"), "name": metadata.get("general.name"),
                     "convert_seconds": round(time.perf_counter() - started, 1)}
         atomic_write(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
@@ -164,8 +223,9 @@ def read_metadata(source: Path) -> dict[str, Any]:
     except (ValueError, OSError, IndexError) as exc:
         raise BadModelFileError(f"{source}: not a readable GGUF file ({(str(exc).splitlines() or [''])[0]})") \
             from None
-    wanted = ("general.architecture", "general.name", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-              "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token")
+    wanted = ("general.architecture", "general.name", "tokenizer.ggml.model", "tokenizer.ggml.bos_token_id",
+              "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+              "tokenizer.ggml.add_eos_token")
     metadata: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if key in wanted or key.endswith(".context_length"):

