@@ -1,7 +1,8 @@
 """Trans-LoRA on two tiny random causal LMs with different vocabularies (a Llama source, a GPT-2 target): synthetic
 prompts kept as the rules say, a discriminator that learns real from synthetic and a filter that keeps what it
 rates real, distillation that moves the target's label distribution to the teacher's, the same result for the same
-seed, and one-line errors for bad input; SmolLM2 -> Gemma-3-270M when Gemma's packages are installed."""
+seed, and one-line errors for bad input; SmolLM2 -> Gemma-3-270M when Gemma's packages are installed (Gemma's
+GGUF has no chat template: load_pretrained gives it Gemma's turn format, tests/models/test_chat_fallback.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from adapterkit.core.errors import AdapterKitError
 from adapterkit.train.gen_classify import Task
 from adapterkit.train.transfer import (
     SynthConfig,
+    Synthetic,
     TransferConfig,
     discriminate,
     distill_text,
@@ -84,13 +86,13 @@ def teacher(folders, state):
     return model.eval(), tok
 
 
-def run(folders, state, **changes):
+def run(folders, state, made=None, **changes):
     source, stok = teacher(folders, state)
     target, ttok = load(folders[1])
     config = TransferConfig(**{"synthetic": 48, "keep": 32, "disc_synthetic": 24, "epochs": 24, "lr": 1e-2,
                                "disc_lr": 5e-3, "synth": SYNTH, **changes})
     result = transfer(source, stok, "task", target, ttok, TASK, SEEDS, LORA, ["q_proj", "v_proj"], STUDENT_TARGETS,
-                      config)
+                      config, made=made)
     return result, target, ttok
 
 
@@ -151,6 +153,10 @@ def test_same_seed_same_transfer_and_no_filter_takes_the_first_prompts(folders, 
     assert other.pool != first.pool
     plain, _, _ = run(folders, teacher_state, epochs=1, filter="none", keep=10)
     assert plain.p_real is None and plain.kept == plain.pool[:10] and plain.record["filter"] == "none"
+    given = Synthetic(list(reversed(first.pool)))  # a pool written before: chosen from, not written again
+    reused, _, _ = run(folders, teacher_state, made=given, epochs=1, filter="none", keep=10)
+    assert reused.pool == given.texts and reused.kept == given.texts[:10]
+    assert "synthesize" not in reused.record["seconds"]
 
 
 def test_free_text_distils_the_teachers_answers(folders, teacher_state):
@@ -200,8 +206,12 @@ def test_smollm2_to_gemma_writes_and_labels_prompts(smollm2_path):
     ak.attach(source, "task", LORA, ["q_proj", "v_proj"])
     task = Task("Is the sentiment of this movie review positive or negative? Answer with one word.\n\n{text}",
                 ["negative", "positive"])
+    # threshold 0: one discriminator epoch on 5 toy seeds rates few real reviews real; the path is what is tested
     config = TransferConfig(synthetic=8, keep=4, disc_synthetic=8, epochs=1, disc_epochs=1, batch_size=4,
-                            synth=SynthConfig(describe="Here are some movie reviews:", max_new_tokens=32))
+                            threshold=0.0, synth=SynthConfig(describe="Here are some movie reviews:",
+                                                             max_new_tokens=32))
     result = transfer(source, stok, "task", target, ttok, task, SEEDS, LORA, ["q_proj", "v_proj"],
                       ["q_proj", "v_proj"], config)
+    assert result.p_real is not None and len(result.p_real) == len(result.pool) == 8
     assert result.kept and result.teacher.shape == (len(result.kept), 2)
+    assert all(len(t.split()) >= 3 and "<end_of_turn>" not in t for t in result.pool)  # Gemma ends its turn

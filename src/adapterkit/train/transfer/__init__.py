@@ -114,17 +114,21 @@ def keep_real(texts: list[str], p_real: list[float], threshold: float, keep: int
 
 def transfer(source: nn.Module, source_tokenizer: Any, teacher: str, target: nn.Module, target_tokenizer: Any,
              task: Task, seeds: list[str], spec: AdapterSpec, source_targets: Any, target_targets: Any,
-             config: TransferConfig, real: list[str] | None = None, name: str = "transferred") -> Transferred:
+             config: TransferConfig, real: list[str] | None = None, name: str = "transferred",
+             made: Synthetic | None = None) -> Transferred:
     """Trans-LoRA for generative classification: the source model with its LoRA ``teacher`` attached teaches a
     fresh ``spec`` LoRA called ``name`` on ``target`` (attached and trained in place) through synthetic prompts
     the target writes from ``seeds``. ``real``: more real unlabeled task text for the discriminator's "real"
-    side. The teacher's labels and the student's KL to them before and after are in the record."""
+    side. ``made``: a pool the target already wrote (``synthesize`` with these seeds and ``config.synth``), so a
+    filter and its ablation can choose from the same prompts. The teacher's labels and the student's KL to them
+    before and after are in the record."""
     check_words(source_tokenizer, task, "--source")
     check_words(target_tokenizer, task, "--target")
     times: dict[str, float] = {}
     started = time.perf_counter()
-    made = synthesize(target, target_tokenizer, seeds, config.synthetic, config.synth, config.seed, "--target")
-    times["synthesize"] = time.perf_counter() - started
+    if made is None:
+        made = synthesize(target, target_tokenizer, seeds, config.synthetic, config.synth, config.seed, "--target")
+        times["synthesize"] = time.perf_counter() - started
     if not made.texts:
         raise AdapterKitError(f"--target wrote no usable prompt in {made.generated} tries ({made.dropped}); loosen "
                               "the length limits or give more seeds")
