@@ -22,6 +22,11 @@ kernel (W_eff = W0 + B); the modulator is any adapter on the layers after it (de
 bottleneck, identity at start). Simplifications (the paper's text was not at hand beyond its overview): the
 modulator's form and placement are a choice here; the update is the plain averaged rule above, without SoftHebb's
 per-step normalisation of dW or an anti-Hebbian term; one Hebbian and one modulator step per batch.
+
+Use it with ``reset="per_domain"`` (the paper adapts to one corruption at a time). The rule's fixed points are
+unit-norm kernels. Pretrained kernels are far from that: EfficientNet-Lite0's stem has norms 0 to 7.8, median 2.9.
+On a long unreset stream the rule drags them off the pretrained solution. On corrupted digits (benchmarks/
+tta_table.py) accuracy went from 66 % in the first round to chance by the third; reset per domain it held at 68 %.
 """
 
 from __future__ import annotations
