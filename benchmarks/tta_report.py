@@ -12,7 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-NAMES = {"source": "no adaptation", "bn": "BN adaptation", "tent": "Tent", "vida": "ViDA", "nhl": "NHL (Hebbian)",
+NAMES = {"source": "no adaptation", "bn": "BN adaptation", "tent": "Tent, continual", "vida": "ViDA, continual",
+         "nhl": "NHL, continual",
          "tent@per_domain": "Tent, reset per domain", "nhl@per_domain": "NHL, reset per domain",
          "nhl_source@per_domain": "NHL with stored BN statistics, reset per domain"}
 ORDER = ("source", "bn", "nhl_source@per_domain", "tent@per_domain", "nhl@per_domain", "tent", "nhl", "vida")
@@ -107,6 +108,7 @@ def long_stream(runs: dict[str, dict[int, dict[str, Any]]], folder: Path) -> Non
     for k in order:
         ax.plot(range(1, len(curves[k]) + 1), curves[k], marker="o", label=NAMES[k.rsplit("@", 1)[0]])
     ax.set_xlabel("round (12 corrupted domains each)")
+    ax.set_xticks(range(1, rounds + 1))
     ax.set_ylabel("mean accuracy over the round (%)")
     ax.set_title(f"A longer continual stream ({rounds} rounds, seed {seeds[0]})")
     ax.legend(fontsize=8)
@@ -121,7 +123,7 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]], methods: list[str], seeds: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(12, 4.2))
+    fig, ax = plt.subplots(figsize=(12, 4.8))
     any_row = next(iter(runs[methods[0]].values()))
     steps = any_row["steps"]
     for m in methods:
@@ -137,18 +139,19 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]], methods: list[str], seeds: 
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Continual test-time adaptation on corrupted digits, EfficientNet-Lite0 "
                  f"({any_row['rounds']} rounds, mean of {len(seeds)} seeds)")
-    ax.legend(fontsize=8, ncol=len(methods))
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.32))
     fig.tight_layout()
-    fig.savefig(folder / "tta_stream.png", dpi=110)
+    fig.savefig(folder / "tta_stream.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
     for m in methods:
         ax.plot(range(1, any_row["rounds"] + 1),
                 [mean([round_means(runs[m][s])[r] for s in seeds if s in runs[m]]) for r in range(any_row["rounds"])],
                 marker="o", label=NAMES[m])
     ax.set_xlabel("round")
+    ax.set_xticks(range(1, any_row["rounds"] + 1))
     ax.set_ylabel("mean accuracy over the round's domains (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    fig.savefig(folder / "tta_rounds.png", dpi=110)
+    fig.savefig(folder / "tta_rounds.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
