@@ -32,9 +32,9 @@ learnt to run Gemma3ForCausalLM's body and head apart: 3.6x faster), SmolLM2 ~0.
 ~8.5 s. So: 200 dev rows (an accuracy near 80% is +-2.8 points at 1 s.d.), 400 real rows for the trained LoRAs (25
 steps), a pool of 160 prompts (24 new tokens each: SST-2 sentences are ~20 words and only the first line of an answer
 is kept), 80 kept, 32 discriminator negatives and a real side of 5 seeds + 27 source sentences (2 epochs), 3
-distillation epochs (30 steps), 2 seeds: ~60 minutes estimated. The paper's runs are far larger (thousands of
-synthetic prompts, 7B models); this checks the mechanism at toy scale. ``--quick`` is a smoke check of the code
-path only (one distillation step, which can move the target away from the teacher).
+distillation epochs (30 steps), 2 seeds: ~60 minutes estimated, 61 measured (2026-12-02). The paper's runs are far
+larger (thousands of synthetic prompts, 7B models); this checks the mechanism at toy scale. ``--quick`` is a smoke
+check of the code path only (one distillation step, which can move the target away from the teacher).
 
     cd benchmarks && PYTHONPATH=../src OMP_NUM_THREADS=1 python trans_lora.py          # results/trans_lora.json
     cd benchmarks && PYTHONPATH=../src OMP_NUM_THREADS=1 python trans_lora.py --quick  # smoke check, ~5 min
@@ -208,19 +208,17 @@ def save(path: Path, config: dict[str, Any], runs: dict[str, Any]) -> None:
 
 def table(runs: dict[str, Any]) -> str:
     kinds = ["source_zero_shot", "source_lora", "target_zero_shot", "target_lora", "transfer_disc", "transfer_none"]
-    lines = [f"{'row':<18}{'seeds':>14}{'accuracy':>22}{'kept':>6}{'accept':>8}{'wall s':>9}"]
+    lines = [f"{'row':<18}{'seeds':>6}  {'accuracy per seed (mean)':<26}{'kept':>8}{'accept':>12}{'wall s':>8}"]
     for kind in kinds:
         mine = sorted((r for r in runs.values() if r["kind"] == kind), key=lambda r: r["seed"])
         if not mine:
             continue
         accs = [r["accuracy"] for r in mine]
-        per = " / ".join(f"{a:.1f}" for a in accs)
-        kept = mine[0].get("kept", "")
-        accept = mine[0].get("acceptance")
-        lines.append(f"{kind:<18}{','.join(str(r['seed']) for r in mine):>14}"
-                     f"{per + f' (mean {statistics.mean(accs):.1f})':>22}{kept!s:>6}"
-                     f"{'' if accept is None else f'{accept:.2f}':>8}"
-                     f"{statistics.mean(r.get('wall_seconds', 0) for r in mine):>9.0f}")
+        per = " / ".join(f"{a:.1f}" for a in accs) + f" ({statistics.mean(accs):.1f})"
+        kept = "/".join(str(r["kept"]) for r in mine) if "kept" in mine[0] else ""
+        accept = "/".join(f"{r['acceptance']:.2f}" for r in mine) if mine[0].get("acceptance") is not None else ""
+        lines.append(f"{kind:<18}{','.join(str(r['seed']) for r in mine):>6}  {per:<26}{kept:>8}{accept:>12}"
+                     f"{statistics.mean(r.get('wall_seconds', 0) for r in mine):>8.0f}")
     return "\n".join(lines)
 
 
