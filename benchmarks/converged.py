@@ -68,8 +68,8 @@ def done(path: Path) -> set[tuple[str, str, int, int]]:
 def run(args: argparse.Namespace) -> None:
     import adapterkit as ak
     from adapterkit.cli.commands import load_classifier
-    from adapterkit.train.loop import accuracy, batches, encode, seed_everything
-    from tasks import Protocol, load_task, minilm_dir, subset
+    from adapterkit.train.loop import accuracy, encode, seed_everything
+    from tasks import Protocol, load_task, minilm_dir, subset, train_steps
 
     key = (args.task, args.method, args.seed, args.epochs)
     if key in done(args.out):
@@ -89,38 +89,20 @@ def run(args: argparse.Namespace) -> None:
     per_epoch = math.ceil(len(train.ids) / batch)
     total, warm = per_epoch * args.epochs, max(1, int(0.06 * per_epoch * args.epochs))
     every = max(1, per_epoch // args.evals_per_epoch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    generator = torch.Generator().manual_seed(args.seed)
     curve: list[dict[str, float]] = []
-    losses: list[float] = []
-    step, train_seconds = 0, 0.0
-    for _ in range(args.epochs):
-        order = torch.randperm(len(train.ids), generator=generator).tolist()
-        model.train()
-        began = time.perf_counter()
-        for ids, mask, labels in batches(train, batch, order, 0):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            if extra is not None:
-                loss = loss + extra(model, args.method)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            step += 1
-            if step % every == 0 or step == total:
-                train_seconds += time.perf_counter() - began
-                point = {"step": step, "epoch": round(step / per_epoch, 3), "dev_accuracy": accuracy(model, dev, 32, 0),
-                         "train_loss": statistics.mean(losses[-every:])}
-                curve.append(point)
-                print(f"{args.task} {args.method} seed {args.seed}: step {step}/{total} dev {point['dev_accuracy']:.2f}"
-                      f" loss {point['train_loss']:.3f}", file=sys.stderr, flush=True)
-                model.train()
-                began = time.perf_counter()
-        train_seconds += time.perf_counter() - began
+
+    def score(step: int, losses: list[float]) -> None:
+        point = {"step": step, "epoch": round(step / per_epoch, 3), "dev_accuracy": accuracy(model, dev, 32, 0),
+                 "train_loss": statistics.mean(losses[-every:])}
+        curve.append(point)
+        print(f"{args.task} {args.method} seed {args.seed}: step {step}/{total} dev {point['dev_accuracy']:.2f} "
+              f"loss {point['train_loss']:.3f}", file=sys.stderr, flush=True)
+
+    loss_of = (lambda: extra(model, args.method)) if extra is not None else None
+    train_seconds, losses = train_steps(model, train, args.seed, total, warm, lr, batch, extra=loss_of, every=every,
+                                        after=score)
+    if total % every:
+        score(total, losses)
     row = {"task": args.task, "method": args.method, "seed": args.seed, "epochs": args.epochs, "rows": len(train.ids),
            "steps": total, "lr": lr, "batch_size": batch, "trainable_parameters": trainable,
            "dev_accuracy": curve[-1]["dev_accuracy"], "best_dev_accuracy": max(p["dev_accuracy"] for p in curve),

