@@ -7,10 +7,13 @@ dev set every ``--evals-per-epoch``-th of an epoch: the curve shows whether the 
 accuracy reported for a run is the last point (no early stopping, nothing picked on the dev set); the best point is
 recorded beside it.
 
-Methods (``METHODS``): the float32 baselines ``lora`` (r=8 on query/value, lr 2e-3) and ``bottleneck`` (Pfeiffer,
-reduction 16), their 1-bit twins (the issue-4 recipe), ``seq_bn16`` (a bottleneck of hidden 16, MoSA's size match)
-and ``mosa`` (4 experts over the up-projection), and ``mask_tuning`` on q/k/v/o at R-AMT's lr 8e-5 with its L2
-regulariser (the issue-4 run at 2e-3 did not train).
+Methods (``methods()``, each a ``Recipe``): the float32 baselines ``lora`` (r=8 on query/value, lr 2e-3) and
+``bottleneck`` (Pfeiffer, reduction 16), their 1-bit twins (the issue-4 recipe), ``seq_bn16`` (a bottleneck of
+hidden 16, MoSA's size match) and ``mosa`` (4 experts over the up-projection, trained with the paper's second pass
+and symmetric-KL consistency loss), ``mask_tuning`` on q/k/v/o at R-AMT's lr 8e-5 with its L2 regulariser (the
+issue-4 run at 2e-3 did not train), and ``splora_pruned``: SPLoRA r=8 on the FFN trained for the epochs (written as
+the ``splora`` row), then pruned in the paper's 5 % steps to 50 % of the FFN channels with 1/``--recovery-per-epoch``
+epoch of recovery training after each step, exported physically smaller and scored as exported.
 
     cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src:. python converged.py run --task sst2 --method lora --seed 0
     OMP_NUM_THREADS=1 PYTHONPATH=../src:. python converged.py table      # the table and converged_<task>.png
@@ -27,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +43,35 @@ RESULTS = HERE / "results" / "converged.jsonl"
 FFN_NORM = r"re:.*layer\.\d+\.output\.LayerNorm"  # Pfeiffer placement: after each FFN
 
 
-def methods() -> dict[str, tuple[Any, Any, float, Callable[[Any, str], Any] | None]]:
-    """name -> (spec, targets, learning rate, extra loss(model, name) or None)."""
+@dataclass(frozen=True)
+class Recipe:
+    """One method's setting: spec, targets, learning rate, and its paper's extras where it has them."""
+
+    spec: Any
+    targets: Any
+    lr: float = 2e-3
+    extra: Callable[[Any, str], Any] | None = None  # a loss term added to every step: extra(model, name)
+    two_pass: bool = False  # MoSA: a second pass with other experts, the symmetric-KL consistency loss
+    prune_to: float = 0.0  # SPLoRA: after the epochs, prune this share of channels in 5 % steps, recovering between
+
+
+def methods() -> dict[str, Recipe]:
     import adapterkit as ak
     from adapterkit.methods.lowbit import LowBit
     from adapterkit.methods.mask_tuning import MaskTuning, mask_regularizer
+    from adapterkit.methods.splora import SPLoRA
 
     lora, bottleneck = ak.LoRA(r=8, alpha=16), ak.SeqBottleneck(reduction_factor=16)
     return {
-        "lora": (lora, ["query", "value"], 2e-3, None),
-        "lora_1bit": (LowBit(lora, bits=1), ["query", "value"], 2e-3, None),
-        "bottleneck": (bottleneck, [FFN_NORM], 2e-3, None),
-        "bottleneck_1bit": (LowBit(bottleneck, bits=1), [FFN_NORM], 2e-3, None),
-        "seq_bn16": (ak.SeqBottleneck(hidden=16), ["output.LayerNorm"], 2e-3, None),
-        "mosa": (ak.methods.MoSA(hidden=16, experts=4, split="up"), ["output.LayerNorm"], 2e-3, None),
-        "mask_tuning": (MaskTuning(), ["query", "key", "value", "attention.output.dense"], 8e-5,
-                        lambda model, name: mask_regularizer(model, name)),
+        "lora": Recipe(lora, ["query", "value"]),
+        "lora_1bit": Recipe(LowBit(lora, bits=1), ["query", "value"]),
+        "bottleneck": Recipe(bottleneck, [FFN_NORM]),
+        "bottleneck_1bit": Recipe(LowBit(bottleneck, bits=1), [FFN_NORM]),
+        "seq_bn16": Recipe(ak.SeqBottleneck(hidden=16), ["output.LayerNorm"]),
+        "mosa": Recipe(ak.methods.MoSA(hidden=16, experts=4, split="up"), ["output.LayerNorm"], two_pass=True),
+        "mask_tuning": Recipe(MaskTuning(), ["query", "key", "value", "attention.output.dense"], 8e-5,
+                              extra=lambda model, name: mask_regularizer(model, name)),
+        "splora_pruned": Recipe(SPLoRA(r=8), ["intermediate.dense"], prune_to=0.5),
     }
 
 
@@ -77,40 +94,103 @@ def run(args: argparse.Namespace) -> None:
         return
     torch.set_num_threads(1)
     protocol = Protocol()
-    spec, targets, lr, extra = methods()[args.method]
+    recipe = methods()[args.method]
     task = load_task(args.task)
     seed_everything(args.seed)
     model, tokenizer = load_classifier(minilm_dir(), task.num_labels)
-    ak.attach(model, args.method, spec, targets)
+    ak.attach(model, args.method, recipe.spec, recipe.targets)
     trainable = ak.train_only(model, args.method, also=["classifier"])
     train = encode(tokenizer, subset(task.train, args.rows, args.seed), protocol.max_length)
-    dev = encode(tokenizer, task.dev, protocol.max_length)
+    dev = encode(tokenizer, subset(task.dev, args.dev_rows, 0), protocol.max_length)
     batch = protocol.batch_size
     per_epoch = math.ceil(len(train.ids) / batch)
     total, warm = per_epoch * args.epochs, max(1, int(0.06 * per_epoch * args.epochs))
     every = max(1, per_epoch // args.evals_per_epoch)
     curve: list[dict[str, float]] = []
 
-    def score(step: int, losses: list[float]) -> None:
-        point = {"step": step, "epoch": round(step / per_epoch, 3), "dev_accuracy": accuracy(model, dev, 32, 0),
-                 "train_loss": statistics.mean(losses[-every:])}
+    def score(step: int, losses: list[float], offset: int = 0) -> None:
+        point = {"step": offset + step, "epoch": round((offset + step) / per_epoch, 3),
+                 "dev_accuracy": accuracy(model, dev, 32, 0), "train_loss": statistics.mean(losses[-every:])}
         curve.append(point)
-        print(f"{args.task} {args.method} seed {args.seed}: step {step}/{total} dev {point['dev_accuracy']:.2f} "
+        print(f"{args.task} {args.method} seed {args.seed}: step {offset + step} dev {point['dev_accuracy']:.2f} "
               f"loss {point['train_loss']:.3f}", file=sys.stderr, flush=True)
 
-    loss_of = (lambda: extra(model, args.method)) if extra is not None else None
-    train_seconds, losses = train_steps(model, train, args.seed, total, warm, lr, batch, extra=loss_of, every=every,
-                                        after=score)
+    term = recipe.extra
+    extra = (lambda: term(model, args.method)) if term is not None else None
+    loss_of = two_pass_loss(model) if recipe.two_pass else None
+    train_seconds, losses = train_steps(model, train, args.seed, total, warm, recipe.lr, batch, extra=extra,
+                                        every=every, after=score, loss_of=loss_of)
     if total % every:
         score(total, losses)
-    row = {"task": args.task, "method": args.method, "seed": args.seed, "epochs": args.epochs, "rows": len(train.ids),
-           "steps": total, "lr": lr, "batch_size": batch, "trainable_parameters": trainable,
-           "dev_accuracy": curve[-1]["dev_accuracy"], "best_dev_accuracy": max(p["dev_accuracy"] for p in curve),
-           "curve": curve, "train_seconds": round(train_seconds, 1), "date": time.strftime("%Y-%m-%d"),
-           "torch": torch.__version__}
+    common = {"task": args.task, "seed": args.seed, "epochs": args.epochs, "rows": len(train.ids), "lr": recipe.lr,
+              "batch_size": batch, "trainable_parameters": trainable, "date": time.strftime("%Y-%m-%d"),
+              "torch": torch.__version__}
+
+    def result(method: str, points: list[dict[str, float]], steps: int, seconds: float) -> dict[str, Any]:
+        return {"method": method, **common, "steps": steps, "dev_accuracy": points[-1]["dev_accuracy"],
+                "best_dev_accuracy": max(p["dev_accuracy"] for p in points), "curve": points,
+                "train_seconds": round(seconds, 1)}
+
+    if not recipe.prune_to:
+        rows = [result(args.method, curve, total, train_seconds)]
+    else:  # the unpruned adapter is a row of its own; the pruned one continues from it
+        unpruned = result(args.method.removesuffix("_pruned"), list(curve), total, train_seconds)
+        curve.clear()
+        every = max(1, per_epoch // args.recovery_per_epoch)
+        pruned_steps, seconds, extras = prune_and_recover(model, args.method, train, dev, args.seed, recipe,
+                                                          every, batch, lambda s, seen: score(s, seen, offset=total))
+        rows = [unpruned, {**result(args.method, curve, total + pruned_steps, train_seconds + seconds),
+                           "recovery_steps_per_pruning_step": every, **extras}]
+        rows[1]["dev_accuracy"] = extras["exported_dev_accuracy"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def two_pass_loss(model: Any) -> Callable[[Any, Any, Any], Any]:
+    """MoSA's training loss (ADDITIONAL=True, ADD_WEIGHT=0, REG_WEIGHT=1 in the reference configs): the task loss
+    of one pass plus the symmetric KL between it and a second pass that draws other experts."""
+    from adapterkit.methods.mosa import consistency_loss
+
+    def loss(ids: Any, mask: Any, labels: Any) -> Any:
+        first = model(input_ids=ids, attention_mask=mask, labels=labels)
+        second = model(input_ids=ids, attention_mask=mask)
+        return first.loss + consistency_loss(first.logits, second.logits)
+
+    return loss
+
+
+def prune_and_recover(model: Any, name: str, train: Any, dev: Any, seed: int, recipe: Recipe, every: int,
+                      batch: int, score: Callable[[int, list[float]], None]) -> tuple[int, float, dict[str, Any]]:
+    """SPLoRA's iterative schedule: prune 5 % more of every FFN's channels, train ``every`` steps to recover, and
+    so on up to ``recipe.prune_to`` (lr decaying linearly over the phase); then export the model physically
+    smaller and score the export. Returns the steps, their seconds and the export's figures."""
+    from adapterkit.methods.splora import kept_channels, prune_channels, shrink, sparsity_schedule
+    from adapterkit.train.loop import accuracy, batches
+    from lowbit_pruning import merged_copy
+    from tasks import train_steps
+
+    schedule = sparsity_schedule(recipe.prune_to, 0.05)
+    total = every * len(schedule)
+    prune_channels(model, name, schedule[0])
+
+    def after(step: int, losses: list[float]) -> None:
+        score(step, losses)
+        if step < total:
+            prune_channels(model, name, schedule[step // every])
+
+    seconds, _ = train_steps(model, train, seed + 100, total, 1, recipe.lr, batch, every=every, after=after)
+    keep = kept_channels(model, name)
+    exported = merged_copy(model, name)
+    shrink(exported, keep)
+    ids, mask, _ = next(batches(dev, 32, list(range(32)), 0))
+    with torch.no_grad():
+        gap = float((exported(input_ids=ids, attention_mask=mask).logits
+                     - model(input_ids=ids, attention_mask=mask).logits).abs().max())
+    return total, seconds, {"exported_dev_accuracy": accuracy(exported, dev, 32, 0), "export_max_abs_diff": gap,
+                            "kept_channels": int(sum(int(k.sum()) for k in keep.values())),
+                            "total_channels": int(sum(k.numel() for k in keep.values()))}
 
 
 def table() -> None:
@@ -163,7 +243,10 @@ def main() -> None:
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--epochs", type=int, default=3)
     one.add_argument("--evals-per-epoch", type=int, default=4)
+    one.add_argument("--recovery-per-epoch", type=int, default=8,
+                     help="SPLoRA: pruning steps per epoch, i.e. 1/N epoch of recovery training after each")
     one.add_argument("--rows", type=int, default=None, help="training rows (default: all; fewer for a quick check)")
+    one.add_argument("--dev-rows", type=int, default=None, help="dev rows scored (default: all)")
     one.add_argument("--out", type=Path, default=RESULTS, help="results file (default results/converged.jsonl)")
     sub.add_parser("table", help="the table of results/converged.jsonl and the curve plots")
     args = parser.parse_args()

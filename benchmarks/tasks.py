@@ -148,10 +148,12 @@ def train_once(task: Task, name: str, spec: Any, targets: Any, seed: int, protoc
 
 
 def train_steps(model: Any, data: Any, seed: int, total: int, warm: int, lr: float, batch_size: int,
-                extra: Any = None, every: int = 0, after: Any = None) -> tuple[float, list[float]]:
+                extra: Any = None, every: int = 0, after: Any = None,
+                loss_of: Any = None) -> tuple[float, list[float]]:
     """``total`` AdamW steps (weight decay 0.01, linear warmup over ``warm`` steps, then linear decay to 0, as
     run_training schedules) over the parameters that require grad, on seeded shuffled batches of ``data``
-    (``encode``'s output), epoch after epoch. ``extra()`` is added to every loss. ``after(step, losses)`` runs
+    (``encode``'s output), epoch after epoch. ``loss_of(ids, mask, labels)`` replaces the model's own loss (e.g.
+MoSA's two-pass consistency loss); ``extra()`` is added to every loss. ``after(step, losses)`` runs
     after each step that ``every`` divides (an evaluation, a pruning step), with the losses so far. The caller
     seeds the global RNG (dropout). Returns the seconds spent in the steps (``after`` excluded) and every loss."""
 
@@ -171,7 +173,10 @@ def train_steps(model: Any, data: Any, seed: int, total: int, warm: int, lr: flo
         order = torch.randperm(len(data.ids), generator=generator).tolist()
         for ids, mask, labels in batches(data, batch_size, order, 0):
             began = time.perf_counter()
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if loss_of is None:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            else:
+                loss = loss_of(ids, mask, labels)
             if extra is not None:
                 loss = loss + extra()
             loss.backward()
