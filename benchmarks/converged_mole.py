@@ -1,8 +1,8 @@
 """MoLE top-1 vs a plain LoRA of the same active size on a mixed multi-task set, trained to convergence (issue 18).
 
 The earlier run (routing_experiments.py part 3: 300 rows per task, 114 steps) ended with balanced, unspecialised
-experts. Here the union of SST-2, SUBJ and TREC holds ``--rows`` training rows of each task (default 1,500: 4,500
-rows, 282 steps an epoch) for ``--epochs`` epochs (default 4), and the dev accuracy of every task is scored after
+experts. Here the union of SST-2, SUBJ and TREC holds ``--rows`` training rows of each task (default 1,000: 3,000
+rows, 188 steps an epoch) for ``--epochs`` epochs (default 4), and the dev accuracy of every task is scored after
 each epoch (a fixed ``--dev-rows`` subset of each dev set, the same for every run), so the curves show whether the
 plain LoRA has flattened. Setups, both from scratch with one fresh head per task (``MultiTaskClassifier``):
 
@@ -189,7 +189,7 @@ def main() -> None:
     one = sub.add_parser("run", help="train one setup with one seed on the union, with its per-epoch dev curve")
     one.add_argument("--setup", choices=("lora", "mole"), required=True)
     one.add_argument("--seed", type=int, default=0)
-    one.add_argument("--rows", type=int, default=1500, help="training rows of each task (default 1500)")
+    one.add_argument("--rows", type=int, default=1000, help="training rows of each task (default 1000)")
     one.add_argument("--epochs", type=int, default=4)
     one.add_argument("--dev-rows", type=int, default=500, help="fixed dev rows of each task (default 500)")
     one.add_argument("--out", type=Path, default=RESULTS, help="results file (default results/converged_mole.jsonl)")
