@@ -55,9 +55,10 @@ def _encoder(seed: int) -> torch.nn.Module:
     return AutoModel.from_pretrained(minilm_dir())
 
 
-def train(model: MultiTaskClassifier, tables: list[Any], devs: list[Any], epochs: int, seed: int, pad: int
-          ) -> dict[str, Any]:
-    """AdamW, warmup 6% then linear decay; router logits in their own group (mttl's lr 0.1, no decay)."""
+def train(model: MultiTaskClassifier, tables: list[Any], devs: list[Any], epochs: int, seed: int, pad: int,
+          curve_every: int = 0) -> dict[str, Any]:
+    """AdamW, warmup 6% then linear decay; router logits in their own group (mttl's lr 0.1, no decay). With
+    ``curve_every`` the mean dev accuracy is also scored after every such epoch (and the last): the dev curve."""
     routers = {id(p) for m in model.modules() if isinstance(m, PolyRouter) for p in m.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) not in routers], "lr": LR, "weight_decay": 0.01},
@@ -70,23 +71,27 @@ def train(model: MultiTaskClassifier, tables: list[Any], devs: list[Any], epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warm, (total - s) / decay))
     order = random.Random(seed)
     model.train()
-    start = time.perf_counter()
-    for _ in range(epochs):
+    seconds, curve = 0.0, []
+    for epoch in range(epochs):
         order.shuffle(rows)
+        start = time.perf_counter()
         for ids, mask, task_ids, labels in task_batches(tables, rows, BATCH, pad):
             out = model(ids, mask, task_ids, labels)
             out.loss.backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - start
+        seconds += time.perf_counter() - start
+        if curve_every and ((epoch + 1) % curve_every == 0 or epoch + 1 == epochs):
+            curve.append(round(statistics.mean(evaluate_multitask(model, devs, 64, pad).values()), 2))
     accuracy = evaluate_multitask(model, devs, 64, pad)
     return {"dev_accuracy": {k: round(v, 2) for k, v in accuracy.items()},
             "mean_accuracy": round(statistics.mean(accuracy.values()), 2), "train_seconds": round(seconds, 1),
-            "trainable": sum(p.numel() for p in params), "steps": total}
+            "trainable": sum(p.numel() for p in params), "steps": total, "curve": curve, "curve_every": curve_every}
 
 
-def multitask(kind: str, seed: int, data: dict[str, Any], pad: int, epochs: int) -> tuple[dict[str, Any], Any, Any]:
+def multitask(kind: str, seed: int, data: dict[str, Any], pad: int, epochs: int, curve_every: int = 0
+              ) -> tuple[dict[str, Any], Any, Any]:
     encoder = _encoder(seed)
     if kind == "lora":
         ak.attach(encoder, "shared", SKILL, TARGETS)
@@ -98,11 +103,13 @@ def multitask(kind: str, seed: int, data: dict[str, Any], pad: int, epochs: int)
                                n_splits=1 if kind == "poly" else SPLITS)
         ak.train_only(encoder, [kind, *block.children])
     model = MultiTaskClassifier(encoder, {t: data[t]["labels"] for t in TASKS}, block=block)
-    result = train(model, [data[t]["train"] for t in TASKS], [data[t]["dev"] for t in TASKS], epochs, seed, pad)
+    result = train(model, [data[t]["train"] for t in TASKS], [data[t]["dev"] for t in TASKS], epochs, seed, pad,
+                   curve_every)
     return result, encoder, block
 
 
-def few_shot(kind: str, source: Any, seed: int, data: dict[str, Any], pad: int, epochs: int) -> dict[str, Any]:
+def few_shot(kind: str, source: Any, seed: int, data: dict[str, Any], pad: int, epochs: int, curve_every: int = 0
+             ) -> dict[str, Any]:
     """Adapt to the held-out task; ``source`` is (encoder, block) of a multi-task run (None: from scratch)."""
     seed_everything(seed)
     block = None
@@ -124,9 +131,9 @@ def few_shot(kind: str, source: Any, seed: int, data: dict[str, Any], pad: int, 
             ak.activate(encoder, "mu")
     model = MultiTaskClassifier(encoder, {HELD_OUT: data[HELD_OUT]["labels"]}, block=block)
     shots = data[HELD_OUT]
-    result = train(model, [shots["train"]], [shots["dev"]], epochs, seed, pad)
+    result = train(model, [shots["train"]], [shots["dev"]], epochs, seed, pad, curve_every)
     return {"dev_accuracy": result["dev_accuracy"][HELD_OUT], "trainable": result["trainable"],
-            "train_seconds": result["train_seconds"]}
+            "train_seconds": result["train_seconds"], "curve": result["curve"]}
 
 
 def main() -> None:
@@ -141,10 +148,15 @@ def main() -> None:
                         help="also adapt the Poly model with z / mu (MHR always)")
     parser.add_argument("--fs-dev-rows", type=int, default=500, help="dev rows of the held-out task (fixed subset)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kinds", nargs="+", choices=["lora", "poly", "mhr"], default=["lora", "poly", "mhr"],
+                        help="multi-task methods to train (the few-shot rows of a missing one are skipped)")
+    parser.add_argument("--curve-every", type=int, default=0,
+                        help="score the dev sets after every N epochs too (0: only at the end)")
+    parser.add_argument("--tag", default="poly_mhr", help="results file stem (results/<tag>.seed<S>.json)")
     parser.add_argument("--summarise", action="store_true", help="only merge results/poly_mhr.seed*.json")
     args = parser.parse_args()
     if args.summarise:
-        summarise()
+        summarise(args.tag)
         return
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
@@ -159,34 +171,36 @@ def main() -> None:
             data[name] = {"train": encode(tokenizer, subset(task.train, rows, seed), MAX_LENGTH),
                           "dev": encode(tokenizer, dev, MAX_LENGTH), "labels": task.num_labels}
         trained = {}
-        for kind in ("lora", "poly", "mhr"):
-            result, encoder, block = multitask(kind, seed, data, pad, args.mt_epochs)
+        for kind in args.kinds:
+            result, encoder, block = multitask(kind, seed, data, pad, args.mt_epochs, args.curve_every)
             trained[kind] = (encoder, block)
             runs.append({"stage": "multitask", "method": kind, "seed": seed, **result})
             print(time.strftime("%H:%M:%S"), json.dumps(runs[-1]), flush=True)
             if kind == "mhr" and seed == args.seeds[0]:
-                plot_task_routing(poly_tools.task_routing(encoder, "mhr"), OUT / "poly_mhr_routing.png", list(TASKS),
+                plot_task_routing(poly_tools.task_routing(encoder, "mhr"), OUT / f"{args.tag}_routing.png", list(TASKS),
                                   f"MHR (seed {seed}) after multi-task training")
-        plans = [("lora-scratch", None), ("shared-lora-ft", trained["lora"]), ("mhr-z", trained["mhr"]),
-                 ("mhr-mu", trained["mhr"])]
+        plans = [("lora-scratch", None), ("shared-lora-ft", trained.get("lora")), ("mhr-z", trained.get("mhr")),
+                 ("mhr-mu", trained.get("mhr"))]
         if args.poly_few_shot == "run":
-            plans += [("poly-z", trained["poly"]), ("poly-mu", trained["poly"])]
+            plans += [("poly-z", trained.get("poly")), ("poly-mu", trained.get("poly"))]
         for kind, source in plans:
-            result = few_shot(kind, source, seed, data, pad, args.fs_epochs)
+            if kind != "lora-scratch" and source is None:
+                continue
+            result = few_shot(kind, source, seed, data, pad, args.fs_epochs, args.curve_every)
             runs.append({"stage": "few-shot", "method": kind, "seed": seed, **result})
             print(time.strftime("%H:%M:%S"), json.dumps(runs[-1]), flush=True)
     OUT.mkdir(exist_ok=True)
     config = {"tasks": TASKS, "held_out": HELD_OUT, "targets": TARGETS, "skill": SKILL.to_dict(), "skills": SKILLS,
               "mhr_splits": SPLITS, "lr": LR, "router_lr": ROUTER_LR, "batch": BATCH, "max_length": MAX_LENGTH,
               **vars(args)}
-    name = f"poly_mhr.seed{'-'.join(map(str, args.seeds))}.json"
+    name = f"{args.tag}.seed{'-'.join(map(str, args.seeds))}.json"
     (OUT / name).write_text(json.dumps({"config": config, "runs": runs}, indent=1))
-    summarise()
+    summarise(args.tag)
 
 
-def summarise() -> None:
-    """Merge every results/poly_mhr.seed*.json into results/poly_mhr.json with means per method."""
-    parts = [json.loads(p.read_text()) for p in sorted(OUT.glob("poly_mhr.seed*.json"))]
+def summarise(tag: str = "poly_mhr") -> None:
+    """Merge every results/<tag>.seed*.json into results/<tag>.json with means per method."""
+    parts = [json.loads(p.read_text()) for p in sorted(OUT.glob(f"{tag}.seed*.json"))]
     runs = [r for part in parts for r in part["runs"]]
     summary: dict[str, Any] = {}
     for stage, key in (("multitask", "mean_accuracy"), ("few-shot", "dev_accuracy")):
@@ -194,7 +208,7 @@ def summarise() -> None:
             values = [r[key] for r in runs if r["stage"] == stage and r["method"] == method]
             summary[f"{stage}/{method}"] = {"mean": round(statistics.mean(values), 2), "per_seed": values}
     config = {k: v for k, v in parts[0]["config"].items() if k not in ("seeds", "summarise")} if parts else {}
-    (OUT / "poly_mhr.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
+    (OUT / f"{tag}.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
     print(json.dumps(summary, indent=1))
 
 if __name__ == "__main__":
