@@ -12,7 +12,7 @@ from adapterkit.core.errors import AdapterKitError
 from adapterkit.inject.engine import placements
 from adapterkit.train.data import TextTable
 from adapterkit.train.loop import TrainConfig
-from adapterkit.train.mixda import _old_knowledge_hooks, train_domain, train_task
+from adapterkit.train.mixda import old_knowledge_hooks, train_domain, train_task
 
 FFN_OUT = [r"re:.*layer\.1\.output\.dense"]
 SUBLAYERS = ["bert.encoder.layer.1.output"]
@@ -53,7 +53,7 @@ def test_old_knowledge_loss_is_zero_when_the_gate_keeps_the_ffn_and_positive_oth
             gate.mlp[-1].bias.copy_(torch.tensor([0.0, ffn_logit]))  # (domain, FFN)
             gate.mlp[-1].weight.zero_()
         losses: list[torch.Tensor] = []
-        handles = _old_knowledge_hooks(model, SUBLAYERS, losses)
+        handles = old_knowledge_hooks(model, SUBLAYERS, losses)
         with ak.use(model, ak.Mix("dom", name="gate")), torch.no_grad():
             model(input_ids=ids)
         for handle in handles:
@@ -65,7 +65,7 @@ def test_old_knowledge_loss_is_zero_when_the_gate_keeps_the_ffn_and_positive_oth
 def test_old_knowledge_hooks_refuse_a_module_that_is_not_an_ffn_output() -> None:
     model, _ = _setup()
     with pytest.raises(AdapterKitError, match="'bert.encoder.layer.1.intermediate' is not an FFN output"):
-        _old_knowledge_hooks(model, ["bert.encoder.layer.1.intermediate"], [])
+        old_knowledge_hooks(model, ["bert.encoder.layer.1.intermediate"], [])
 
 
 def test_stage_one_trains_domain_and_gate_stage_two_task_and_gate_only() -> None:

@@ -9,8 +9,10 @@ activation, 4d wide), ``f = W_out u + b`` its output and J domain adapters ``e_j
 
 The gate MLP is Dropout, Linear(4d -> H), [ReLU, Dropout, Linear(H -> H)] x (depth - 1), ReLU, Dropout,
 Linear(H -> J + 1) with H = 768, depth 3 and dropout 0.2 in the paper; ``u_pool`` is the last token's activation
-there (``pool="last"``; "first" and "mean" are offered for encoders with right padding). The paper adapts only
-a few layers (7 and 11 of RoBERTa-large). The children of the ``Gate`` block are the J domain adapters.
+there (``pool="last"``; "first" and "mean" are offered for encoders with right padding). A decoder needs
+``pool="token"``: one gate per token from that token's own activation, since any per-sequence pool lets earlier
+positions see later tokens (the answer being predicted) through the gate. The paper adapts only a few layers (7
+and 11 of RoBERTa-large). The children of the ``Gate`` block are the J domain adapters.
 
 Training (both stages): ``adapterkit.train.mixda``. Stage 1 trains the domain adapters and the gate on domain
 data with an old-knowledge loss; stage 2 freezes the domain adapters and trains a task adapter, the gate and a head.
@@ -32,7 +34,7 @@ from adapterkit.core.precision import master_dtype
 from adapterkit.core.registry import register
 from adapterkit.core.spec import AdapterSpec, require
 
-POOLS = ("last", "first", "mean")
+POOLS = ("last", "first", "mean", "token")
 
 
 @register("mixda")
@@ -44,7 +46,8 @@ class MixDA(AdapterSpec):
     hidden: int = 768  # H, the gate MLP's width
     depth: int = 3  # hidden Linear layers of the gate MLP
     dropout: float = 0.2
-    pool: str = "last"  # which token's FFN activation feeds the gate: "last" (paper), "first", "mean"
+    pool: str = "last"  # which token's FFN activation feeds the gate: "last" (paper), "first", "mean", or
+    # "token": each token its own (causal, for decoders)
 
     role = "gate"
 
@@ -82,7 +85,9 @@ class GateLayer(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def pooled(self, x: Tensor) -> Tensor:
-        """The gate's input per sequence, (B, 4d)."""
+        """The gate's input per sequence, (B, 4d), or with pool "token" every position's own, x itself."""
+        if self.spec.pool == "token":
+            return x
         tokens = x if x.dim() == 3 else x.unsqueeze(1)  # (B, T, 4d)
         if self.spec.pool == "last":
             return tokens[:, -1]
@@ -92,9 +97,10 @@ class GateLayer(nn.Module):
 
     def combine(self, x: Tensor, out: Tensor, branches: Sequence[Any], call: Any) -> Tensor:
         first: Any = self.mlp[1]
-        gate = torch.softmax(self.mlp(self.pooled(x).to(first.weight.dtype)).float(), dim=-1)  # (B, J+1)
+        gate = torch.softmax(self.mlp(self.pooled(x).to(first.weight.dtype)).float(), dim=-1)  # (B[, T], J+1)
         call.record(gate)
-        gate = gate.to(out.dtype).reshape(gate.shape[0], *([1] * (out.dim() - 1)), gate.shape[1])  # (B, 1.., J+1)
+        lead = gate.shape[:-1]  # (B,) or per token (B, T): broadcast over the remaining dimensions of ``out``
+        gate = gate.to(out.dtype).reshape(*lead, *([1] * (out.dim() - len(lead))), gate.shape[-1])
         mixed = gate[..., -1] * out  # the FFN's own share
         for index, branch in enumerate(branches):
             delta = branch.change(x, out)

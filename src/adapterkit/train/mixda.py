@@ -9,7 +9,9 @@ Stage 1 (``train_domain``): the J domain adapters (``par_bn`` beside the FFN out
 with a sequence classifier, the domain's labels: a classification proxy). ``L_old`` (the paper's old-knowledge
 loss, on general text) compares each adapted layer's output with the mixture against the same layer with the
 frozen FFN alone, for the same layer input; it is computed as intended, not as the published code's (which traced
-the mixture twice). w = 0.5 as in the paper.
+the mixture twice). w = 0.5 as in the paper. ``old_knowledge_hooks`` also serves a pre-norm decoder, whose
+knowledge loss is its causal-LM loss (benchmarks/mixda_llm.py runs stage 1 that way; ``train_domain`` itself
+takes a sequence classifier).
 
 Stage 2 (``train_task``): the domain adapters are frozen; a task adapter, the gate and the head train on the task
 with ``Stack(Gate(domains..., name=gate), task)``.
@@ -27,6 +29,7 @@ from torch import nn
 
 from adapterkit.core.blocks import Gate, Stack
 from adapterkit.core.errors import AdapterKitError
+from adapterkit.core.host import host_of
 from adapterkit.inject.engine import train_only
 from adapterkit.inject.use import use
 from adapterkit.train.data import TextTable
@@ -50,23 +53,64 @@ class WithBlock(nn.Module):
         return out
 
 
-def _old_knowledge_hooks(model: nn.Module, sublayers: Sequence[str], losses: list[torch.Tensor]) -> list[Any]:
-    """Hooks that add MSE(layer output, the same layer with its bare FFN projection) to ``losses``."""
+def old_knowledge_hooks(model: nn.Module, sublayers: Sequence[str], losses: list[torch.Tensor]) -> list[Any]:
+    """Hooks that add MSE(layer output, the same layer with its bare FFN projection) to ``losses``, one term per
+    sub-layer and forward; remove the returned handles after the forward.
+
+    A sub-layer is either a post-norm FFN output block with ``.dense`` and ``.LayerNorm`` (BERT / RoBERTa
+    ``layer.i.output``: LN(m + r) against LN(f + r)), or a pre-norm block holding exactly one gated projection (a
+    Llama-style decoder layer, ``model.layers.i``, gated at its ``mlp.down_proj``). A pre-norm block's output is the
+    residual sum h = r + m, with the bare projection h - m + f; what the next layer reads is that sum normalised,
+    so the two are compared RMS-normalised (without a learned gain): MSE(rms(h), rms(h - m + f)), the post-norm
+    form's counterpart, on the same scale (an unnormalised MSE grows with the residual stream's size)."""
     modules = dict(model.named_modules())
     handles = []
     for path in sublayers:
         module = modules.get(path)
         dense, norm = getattr(module, "dense", None), getattr(module, "LayerNorm", None)
-        if module is None or not isinstance(dense, nn.Module) or not isinstance(norm, nn.Module):
-            raise AdapterKitError(f"MixDA old-knowledge loss: {path!r} is not an FFN output sub-layer with .dense "
-                                  "and .LayerNorm (BERT / RoBERTa 'layer.i.output')")
-
-        def hook(mod: nn.Module, args: tuple, out: torch.Tensor, dense: Any = dense, norm: Any = norm) -> None:
-            with torch.no_grad():  # .forward skips the adapters' hooks: the frozen FFN alone, the same input
-                original = norm.forward(dense.forward(args[0]) + args[1])
-            losses.append(F.mse_loss(out, original))
-        handles.append(module.register_forward_hook(hook))
+        gated = [] if module is None else [m for m in module.modules() if m is not module and _holds_gate(m)]
+        if module is not None and isinstance(dense, nn.Module) and isinstance(norm, nn.Module):
+            handles.append(module.register_forward_hook(_post_norm_hook(dense, norm, losses)))
+        elif len(gated) == 1:
+            handles += _pre_norm_hooks(module, gated[0], losses)
+        else:
+            raise AdapterKitError(f"MixDA old-knowledge loss: {path!r} is not an FFN output sub-layer: give the block "
+                                  "with .dense and .LayerNorm (BERT / RoBERTa 'layer.i.output') or a pre-norm decoder "
+                                  f"layer holding one gated projection (it holds {len(gated)})")
     return handles
+
+
+def _holds_gate(module: nn.Module) -> bool:
+    host = host_of(module)
+    return host is not None and any(host.adapter(n).spec.role == "gate" for n in host.names())
+
+
+def _post_norm_hook(dense: nn.Module, norm: nn.Module, losses: list[torch.Tensor]) -> Any:
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        with torch.no_grad():  # .forward skips the adapters' hooks: the frozen FFN alone, the same input
+            original = norm.forward(dense.forward(args[0]) + args[1])
+        losses.append(F.mse_loss(out, original))
+    return hook
+
+
+def _pre_norm_hooks(block: Any, projection: nn.Module, losses: list[torch.Tensor]) -> list[Any]:
+    outputs: dict[str, torch.Tensor] = {}
+
+    def at_projection(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        # registered after the host's hook, so ``out`` is the mixture m; .forward skips the hooks: the bare f
+        with torch.no_grad():
+            outputs["change"] = module.forward(*args) - out
+
+    def at_block(module: nn.Module, args: tuple, out: Any) -> None:
+        hidden = out[0] if isinstance(out, tuple) else out
+        original = (hidden + outputs.pop("change")).detach()  # h - m + f: the same layer with the bare projection
+        losses.append(F.mse_loss(_rms(hidden), _rms(original)))
+
+    return [projection.register_forward_hook(at_projection), block.register_forward_hook(at_block)]
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
 
 
 def train_domain(model: nn.Module, tokenizer: Any, domains: Sequence[str], gate: str, knowledge: TextTable,
@@ -93,7 +137,7 @@ def train_domain(model: nn.Module, tokenizer: Any, domains: Sequence[str], gate:
             with use(model, block):
                 loss_k = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 layer_losses: list[torch.Tensor] = []
-                handles = _old_knowledge_hooks(model, sublayers, layer_losses)
+                handles = old_knowledge_hooks(model, sublayers, layer_losses)
                 try:
                     model(input_ids=old_ids, attention_mask=old_mask)
                 finally:
