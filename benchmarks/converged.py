@@ -210,6 +210,14 @@ def table() -> None:
     plot(groups)
 
 
+PANELS = {  # one panel per claim: the method and the baseline it is judged against
+    "1-bit vs float32": ("lora", "lora_1bit", "bottleneck", "bottleneck_1bit"),
+    "MoSA vs a bottleneck of its size": ("seq_bn16", "mosa"),
+    "mask tuning (lr 8e-5) vs LoRA": ("lora", "mask_tuning"),
+    "SPLoRA, then pruned to 50 % (5 % steps)": ("lora", "splora", "splora_pruned"),
+}
+
+
 def plot(groups: dict[tuple[str, str, int], list[dict[str, Any]]]) -> None:
     import matplotlib
 
@@ -217,18 +225,23 @@ def plot(groups: dict[tuple[str, str, int], list[dict[str, Any]]]) -> None:
     import matplotlib.pyplot as plt
 
     for task in sorted({t for t, _, _ in groups}):
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for (t, method, _), found in sorted(groups.items()):
-            if t != task:
-                continue
-            points = min(len(r["curve"]) for r in found)
-            epochs = [found[0]["curve"][i]["epoch"] for i in range(points)]
-            mean = [statistics.mean(r["curve"][i]["dev_accuracy"] for r in found) for i in range(points)]
-            ax.plot(epochs, mean, marker=".", label=f"{method} ({len(found)} seeds)")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("dev accuracy (%)")
-        ax.set_title(f"{task}: dev accuracy during training (all rows)")
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey=True)
+        for ax, (title, names) in zip(axes.flat, PANELS.items()):
+            for (t, method, _), found in sorted(groups.items()):
+                if t != task or method not in names:
+                    continue
+                points = min(len(r["curve"]) for r in found)
+                epochs = [found[0]["curve"][i]["epoch"] for i in range(points)]
+                mean = [statistics.mean(r["curve"][i]["dev_accuracy"] for r in found) for i in range(points)]
+                ax.plot(epochs, mean, marker=".", label=f"{method} ({len(found)} seeds)")
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.set_ylim(75, 90)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("dev accuracy (%), mean of seeds")
+        fig.suptitle(f"{task}: dev accuracy during training (all training rows)")
         fig.tight_layout()
         fig.savefig(HERE / f"converged_{task}.png", dpi=110)
         plt.close(fig)
