@@ -166,9 +166,9 @@ def prune_and_recover(model: Any, name: str, train: Any, dev: Any, seed: int, re
     """SPLoRA's iterative schedule: prune 5 % more of every FFN's channels, train ``every`` steps to recover, and
     so on up to ``recipe.prune_to`` (lr decaying linearly over the phase); then export the model physically
     smaller and score the export. Returns the steps, their seconds and the export's figures."""
-    from adapterkit.methods.splora import kept_channels, prune_channels, shrink, sparsity_schedule
-    from adapterkit.train.loop import accuracy, batches
-    from lowbit_pruning import merged_copy
+    from adapterkit.methods.splora import prune_channels, sparsity_schedule
+    from adapterkit.train.loop import accuracy
+    from lowbit_pruning import export_pruned
     from tasks import train_steps
 
     schedule = sparsity_schedule(recipe.prune_to, 0.05)
@@ -181,13 +181,7 @@ def prune_and_recover(model: Any, name: str, train: Any, dev: Any, seed: int, re
             prune_channels(model, name, schedule[step // every])
 
     seconds, _ = train_steps(model, train, seed + 100, total, 1, recipe.lr, batch, every=every, after=after)
-    keep = kept_channels(model, name)
-    exported = merged_copy(model, name)
-    shrink(exported, keep)
-    ids, mask, _ = next(batches(dev, 32, list(range(32)), 0))
-    with torch.no_grad():
-        gap = float((exported(input_ids=ids, attention_mask=mask).logits
-                     - model(input_ids=ids, attention_mask=mask).logits).abs().max())
+    exported, keep, gap = export_pruned(model, name, dev)
     return total, seconds, {"exported_dev_accuracy": accuracy(exported, dev, 32, 0), "export_max_abs_diff": gap,
                             "kept_channels": int(sum(int(k.sum()) for k in keep.values())),
                             "total_channels": int(sum(k.numel() for k in keep.values()))}

@@ -98,6 +98,19 @@ def time_forward(models: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor) 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def export_pruned(model: Any, name: str, dev: Any) -> tuple[Any, dict[str, torch.Tensor], float]:
+    """The SPLoRA-adapted ``model`` merged, detached and physically shrunk to its kept channels; returns it, the
+    kept-channel masks, and its max |logit gap| to the masked model on 32 dev rows (the export must be exact)."""
+    keep = kept_channels(model, name)
+    exported = merged_copy(model, name)
+    shrink(exported, keep)
+    ids, mask, _ = next(batches(dev, 32, list(range(32)), 0))
+    with torch.no_grad():
+        gap = float((exported(input_ids=ids, attention_mask=mask).logits
+                     - model(input_ids=ids, attention_mask=mask).logits).abs().max())
+    return exported, keep, gap
+
+
 def splora_runs(task: Any, seed: int, timing: bool) -> list[dict[str, Any]]:
     """Unpruned SPLoRA (train_once), then the iterative schedule to 50 %, then the physically pruned export."""
     spec, targets = ROWS["SPLoRA r=8 FFN, unpruned"]
@@ -120,13 +133,7 @@ def splora_runs(task: Any, seed: int, timing: bool) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         ak.save(model, Path(tmp) / "a", "sp")
         size = stored_bytes(Path(tmp) / "a")
-    keep = kept_channels(model, "sp")
-    exported = merged_copy(model, "sp")
-    shrink(exported, keep)
-    ids, mask, _ = next(batches(masked_dev, 32, list(range(32)), 0))
-    with torch.no_grad():
-        gap = float((exported(input_ids=ids, attention_mask=mask).logits
-                     - model(input_ids=ids, attention_mask=mask).logits).abs().max())
+    exported, keep, gap = export_pruned(model, "sp", masked_dev)
     pruned = {"dev_accuracy": accuracy(exported, masked_dev, 64, 0),
               "trainable_parameters": dense["trainable_parameters"],
               "stored_bytes": size, "train_seconds": round(dense["train_seconds"] + seconds, 1),
