@@ -1,11 +1,11 @@
 """MixDA (Diao et al. 2023, https://arxiv.org/abs/2306.05406) with a real domain stage on SmolLM2-135M-Instruct, vs
 the task adapter alone, on SST-2 as generative classification (issue 18).
 
-Stage 1, the domain stage (``stage1``; once, seed 0; every stage-2 run of either seed reuses its adapters, as in
-compose_mixda.py): one domain adapter (``par_bn`` beside ``mlp.down_proj``: the FFN's 1536-wide activation -> 96
--> 576, GELU, scaling 1, zero-init up, the paper's down-scale 16) and the MixDA gate (hidden 576 = d: the paper's
-768 for d = 1024, scaled as compose_mixda.py does; depth 3, dropout 0.2) sit at layers 9 and 14 of 30, the paper's
-depth fractions (layers 7 and 11 of RoBERTa-large's 24). They train with the paper's loss, w = 0.5:
+Stage 1, the domain stage (``stage1``; once, seed 0; every stage-2 run of either seed reuses its adapters): one
+domain adapter (``par_bn`` beside ``mlp.down_proj``: the FFN's 1536-wide activation -> 96 -> 576, GELU, scaling 1,
+zero-init up, the paper's down-scale 16) and the MixDA gate (hidden 576 = d: the paper's 768 for d = 1024, scaled to
+SmolLM2's width; depth 3, dropout 0.2) sit at layers 9 and 14 of 30, the paper's depth fractions (layers 7 and 11 of
+RoBERTa-large's 24). They train with the paper's loss, w = 0.5:
 
     L = w * L_knowledge + L_old
 
@@ -19,7 +19,7 @@ it: the counterpart of the paper's post-norm LN(m + r) vs LN(f + r). Unnormalise
 the term 8.4 at step 1 against 2.7 for w * L_knowledge. The general text is CoLA's acceptable training
 sentences (6,023; labels used only to drop the ungrammatical ones). They are plain general English prose like the
 paper's Wikipedia, in the same form as the domain text (sentences, not chats, so the gate learns domain vs
-general and not chat vs prose), short and cheap, and compose_mixda.py used them too.
+general and not chat vs prose), and short and cheap.
 
 Two deviations, for a decoder and this budget. The gate pools per token (``pool="token"``): the paper's last-token
 pool would let every position see the answer it predicts. And the gate trains at ``--gate-lr`` 5e-5, a tenth of
@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -92,28 +91,12 @@ ARMS = ("mixda", "alone")
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
-def _norm(text: str) -> str:
-    """Letters and digits only, lower case, SST's -LRB- / -RRB- dropped: MR and SST-2 tokenise differently."""
-    return re.sub(r"[^a-z0-9]", "", text.lower().replace("-lrb-", "").replace("-rrb-", ""))
-
-
 def domain_texts() -> tuple[list[str], list[str]]:
-    """(train, held-out) MR sentences without labels, minus any that matches, contains or is contained in an SST-2
-    dev sentence (short MR sentences are not tested for containment: they would match by chance)."""
-    from tasks import load_task
+    """(train, held-out) MR sentences without labels, minus any that shares text with an SST-2 dev sentence."""
+    from tasks import load_task, without_overlap
 
-    mr, dev = load_task("mr"), [_norm(t) for t in load_task("sst2").dev.texts]
-    exact = set(dev)
-
-    def clean(texts: list[str]) -> list[str]:
-        kept = []
-        for text in texts:
-            key = _norm(text)
-            if key not in exact and not any(d in key or (len(key) > 20 and key in d) for d in dev):
-                kept.append(text)
-        return kept
-
-    return clean(mr.train.texts), clean(mr.dev.texts)
+    mr, dev = load_task("mr"), load_task("sst2").dev.texts
+    return without_overlap(mr.train, dev).texts, without_overlap(mr.dev, dev).texts
 
 
 def general_texts() -> tuple[list[str], list[str]]:

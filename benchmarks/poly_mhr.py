@@ -9,7 +9,8 @@ LoRA, fine-tuned), and optionally the same z / mu from Poly.
 
 Learning rates follow mttl (Caccia et al. 2023): routing logits 0.1 without weight decay; adapters and
 heads 2e-3 (mttl: 1e-3; the shared protocol's rate, as for every table in RESULTS.md), batch 16, 64 tokens.
-Nothing is tuned on the dev sets reported. Usage:
+Nothing is tuned on the dev sets reported. The multi-task pools drop every sentence shared with the held-out dev
+set (``--keep-overlap`` keeps them, as the runs before 2026-12-02 did). Usage:
     PYTHONPATH=../src ADAPTERKIT_NO_PROGRESS=1 python poly_mhr.py [--seeds 0 1] [--rows 1000] [--shots 128]
 (one process per seed with --seeds N --threads 1, then --summarise, merges the per-seed files)
 """
@@ -37,7 +38,7 @@ from adapterkit.train import poly_tools
 from adapterkit.train.loop import encode, seed_everything
 from adapterkit.train.multitask import MultiTaskClassifier, evaluate_multitask, task_batches
 from adapterkit.train.routing_plot import plot_task_routing
-from tasks import SPLIT_SEED, load_task, subset
+from tasks import SPLIT_SEED, load_task, subset, without_overlap
 
 TASKS = ("sst2", "subj", "trec")
 HELD_OUT = "mr"
@@ -153,6 +154,9 @@ def main() -> None:
     parser.add_argument("--curve-every", type=int, default=0,
                         help="score the dev sets after every N epochs too (0: only at the end)")
     parser.add_argument("--tag", default="poly_mhr", help="results file stem (results/<tag>.seed<S>.json)")
+    parser.add_argument("--keep-overlap", action="store_true",
+                        help="keep multi-task training rows whose sentence is also in the held-out dev set (the runs "
+                             "before 2026-12-02 did: about 300 of MR's 500 dev rows are SST-2 training sentences)")
     parser.add_argument("--summarise", action="store_true", help="only merge results/poly_mhr.seed*.json")
     args = parser.parse_args()
     if args.summarise:
@@ -162,13 +166,20 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     pad = tokenizer.pad_token_id or 0
     tasks = {name: load_task(name) for name in (*TASKS, HELD_OUT)}
+    devs = {name: subset(task.dev, args.fs_dev_rows if name == HELD_OUT else args.dev_rows, SPLIT_SEED)
+            for name, task in tasks.items()}
+    pools = {name: task.train for name, task in tasks.items()}
+    if not args.keep_overlap:  # SST-2 and SUBJ's subjective half are Rotten Tomatoes sentences, like MR
+        pools.update({name: without_overlap(pools[name], devs[HELD_OUT].texts) for name in TASKS})
+        args.dropped_overlap = {name: len(tasks[name].train.labels) - len(pools[name].labels) for name in TASKS}
+        print("multi-task rows shared with the held-out dev set, dropped:", args.dropped_overlap, flush=True)
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         data = {}
         for name, task in tasks.items():
             rows = args.shots if name == HELD_OUT else args.rows
-            dev = subset(task.dev, args.fs_dev_rows if name == HELD_OUT else args.dev_rows, SPLIT_SEED)
-            data[name] = {"train": encode(tokenizer, subset(task.train, rows, seed), MAX_LENGTH),
+            dev = devs[name]
+            data[name] = {"train": encode(tokenizer, subset(pools[name], rows, seed), MAX_LENGTH),
                           "dev": encode(tokenizer, dev, MAX_LENGTH), "labels": task.num_labels}
         trained = {}
         for kind in args.kinds:

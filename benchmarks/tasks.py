@@ -11,6 +11,7 @@ rows, AdamW with linear warmup/decay, dev accuracy after the last epoch. Nothing
 from __future__ import annotations
 
 import random
+import re
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -95,6 +96,31 @@ def subset(table: TextTable, rows: int | None, seed: int) -> TextTable:
     order = random.Random(seed).sample(range(len(table.labels)), rows)
     pairs = [table.pairs[i] for i in order] if table.pairs is not None else None
     return TextTable([table.texts[i] for i in order], pairs, [table.labels[i] for i in order])
+
+
+def _sentence_key(text: str) -> str:
+    """Letters and digits only, lower case, SST's -LRB- / -RRB- dropped: MR and SST-2 tokenise differently."""
+    return re.sub(r"[^a-z0-9]", "", text.lower().replace("-lrb-", "").replace("-rrb-", ""))
+
+
+def without_overlap(table: TextTable, against: list[str], min_chars: int = 20) -> TextTable:
+    """``table`` minus every row whose text matches, contains or lies inside one of ``against``.
+
+    SST-2 and MR are both Rotten Tomatoes review sentences: most SST-2 sentences are also MR rows (871 of the 872 SST-2
+    dev sentences), so a run that trains on one and scores on the other must drop the shared ones. A row whose key
+    (letters and digits) has ``min_chars`` or fewer is not tested for lying inside a longer text, where it would
+    match by chance; a short text of ``against`` inside a row still drops the row (erring on the side of dropping).
+    """
+    keys = [_sentence_key(t) for t in against]
+    exact = set(keys)
+
+    def shared(text: str) -> bool:
+        key = _sentence_key(text)
+        return key in exact or any(k in key or (len(key) > min_chars and key in k) for k in keys)
+
+    kept = [i for i, text in enumerate(table.texts) if not shared(text)]
+    pairs = [table.pairs[i] for i in kept] if table.pairs is not None else None
+    return TextTable([table.texts[i] for i in kept], pairs, [table.labels[i] for i in kept])
 
 
 @dataclass(frozen=True)
