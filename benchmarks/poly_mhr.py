@@ -221,6 +221,34 @@ def summarise(tag: str = "poly_mhr") -> None:
     config = {k: v for k, v in parts[0]["config"].items() if k not in ("seeds", "summarise")} if parts else {}
     (OUT / f"{tag}.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
     print(json.dumps(summary, indent=1))
+    if any(r.get("curve") for r in runs):
+        plot_curves(runs, OUT.parent / f"{tag}_curves.png")
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
+    """Dev accuracy per epoch, one line per run: the multi-task mean (left) and the few-shot held-out task (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours: dict[str, Any] = {}
+    titles = ("multi-task: mean dev accuracy of SST-2 / SUBJ / TREC", f"few-shot on {HELD_OUT.upper()}")
+    for ax, stage, title in zip(axes, ("multitask", "few-shot"), titles):
+        for run in (r for r in runs if r["stage"] == stage and r.get("curve")):
+            colour = colours.setdefault(run["method"], f"C{len(colours)}")
+            curve = run["curve"]
+            ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=1.0 if run["seed"] == 0 else 0.55,
+                    linestyle="-" if run["seed"] == 0 else "--", label=f"{run['method']} (seed {run['seed']})")
+        ax.set(title=title, xlabel="epoch", ylabel="dev accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 if __name__ == "__main__":
     main()
