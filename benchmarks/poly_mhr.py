@@ -169,10 +169,11 @@ def main() -> None:
     devs = {name: subset(task.dev, args.fs_dev_rows if name == HELD_OUT else args.dev_rows, SPLIT_SEED)
             for name, task in tasks.items()}
     pools = {name: task.train for name, task in tasks.items()}
+    dropped: dict[str, int] = {}
     if not args.keep_overlap:  # SST-2 and SUBJ's subjective half are Rotten Tomatoes sentences, like MR
         pools.update({name: without_overlap(pools[name], devs[HELD_OUT].texts) for name in TASKS})
-        args.dropped_overlap = {name: len(tasks[name].train.labels) - len(pools[name].labels) for name in TASKS}
-        print("multi-task rows shared with the held-out dev set, dropped:", args.dropped_overlap, flush=True)
+        dropped = {name: len(tasks[name].train.labels) - len(pools[name].labels) for name in TASKS}
+        print("multi-task rows shared with the held-out dev set, dropped:", dropped, flush=True)
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         data = {}
@@ -203,7 +204,7 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     config = {"tasks": TASKS, "held_out": HELD_OUT, "targets": TARGETS, "skill": SKILL.to_dict(), "skills": SKILLS,
               "mhr_splits": SPLITS, "lr": LR, "router_lr": ROUTER_LR, "batch": BATCH, "max_length": MAX_LENGTH,
-              **vars(args)}
+              **vars(args), **({"dropped_overlap": dropped} if dropped else {})}
     name = f"{args.tag}.seed{'-'.join(map(str, args.seeds))}.json"
     (OUT / name).write_text(json.dumps({"config": config, "runs": runs}, indent=1))
     summarise(args.tag)
@@ -249,6 +250,7 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
 
 if __name__ == "__main__":
     main()

@@ -93,9 +93,7 @@ def subset(table: TextTable, rows: int | None, seed: int) -> TextTable:
     """``rows`` random rows of ``table`` (all of them if None or more than it has), drawn with ``seed``."""
     if rows is None or rows >= len(table.labels):
         return table
-    order = random.Random(seed).sample(range(len(table.labels)), rows)
-    pairs = [table.pairs[i] for i in order] if table.pairs is not None else None
-    return TextTable([table.texts[i] for i in order], pairs, [table.labels[i] for i in order])
+    return table.take(random.Random(seed).sample(range(len(table.labels)), rows))
 
 
 def _sentence_key(text: str) -> str:
@@ -118,9 +116,7 @@ def without_overlap(table: TextTable, against: list[str], min_chars: int = 20) -
         key = _sentence_key(text)
         return key in exact or any(k in key or (len(key) > min_chars and key in k) for k in keys)
 
-    kept = [i for i, text in enumerate(table.texts) if not shared(text)]
-    pairs = [table.pairs[i] for i in kept] if table.pairs is not None else None
-    return TextTable([table.texts[i] for i in kept], pairs, [table.labels[i] for i in kept])
+    return table.take([i for i, text in enumerate(table.texts) if not shared(text)])
 
 
 @dataclass(frozen=True)

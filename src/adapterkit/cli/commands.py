@@ -36,10 +36,7 @@ def _split(table: TextTable, seed: int) -> tuple[TextTable, TextTable]:
     order = list(range(len(table.texts)))
     random.Random(seed).shuffle(order)
     cut = max(1, len(order) // 10)
-    def take(ix: list[int]) -> TextTable:
-        return TextTable([table.texts[i] for i in ix], None if table.pairs is None else [table.pairs[i] for i in ix],
-                         [table.labels[i] for i in ix])
-    return take(order[cut:]), take(order[:cut])
+    return table.take(order[cut:]), table.take(order[:cut])
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -24,6 +24,11 @@ class TextTable:
     pairs: list[str] | None
     labels: list[int]
 
+    def take(self, rows: list[int]) -> TextTable:
+        """The rows at these indices, in this order."""
+        pairs = None if self.pairs is None else [self.pairs[i] for i in rows]
+        return TextTable([self.texts[i] for i in rows], pairs, [self.labels[i] for i in rows])
+
 
 def shipped_sst2() -> tuple[Path, Path]:
     """Paths of the SST-2 sentence-level train and dev files shipped inside the package."""
